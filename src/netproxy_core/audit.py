@@ -1,0 +1,275 @@
+"""Audit events and blocked records (SPEC §10).
+
+`AuditBus.emit` is called exactly once per policy evaluation (by `handlers/decide.py`). It
+logs to the ``netproxy.audit`` logger, keeps the last 10,000 events in a ring, appends JSON
+lines to `audit_log`, records refusals in the blocked ring (200) and hands the event to every
+registered sink. A sink that raises is logged and skipped; sinks run on the event loop, so a
+sink must be quick (`SinkDispatcher` below moves slow sinks to their own thread).
+
+Events never carry URLs, paths, query strings, header values or credentials: the type has no
+field that could hold one.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Any, Final
+
+from .policy.model import Decision, NetworkDecision, NetworkPolicyRequest, Scope
+
+__all__ = [
+    "EVENT_NAME",
+    "AuditBus",
+    "BlockedRecord",
+    "EventSink",
+    "PolicyDecisionEvent",
+    "SinkDispatcher",
+]
+
+EVENT_NAME: Final = "netproxy.policy_decision"
+RING_SIZE: Final = 10_000
+BLOCKED_RING_SIZE: Final = 200
+
+log = logging.getLogger("netproxy.audit")
+_internal = logging.getLogger("netproxy.proxy")
+
+
+def _rfc3339(ts: datetime) -> str:
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyDecisionEvent:
+    """One `netproxy.policy_decision` event (SPEC §10)."""
+
+    scope: str
+    decision: str
+    source: str
+    reason: str
+    protocol: str
+    host: str
+    port: int
+    method: str | None
+    client: str | None
+    override: bool
+    timestamp: datetime
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event under its SPEC §10 field names."""
+        data: dict[str, Any] = {
+            "event.name": EVENT_NAME,
+            "event.timestamp": _rfc3339(self.timestamp),
+            "network.policy.scope": self.scope,
+            "network.policy.decision": self.decision,
+            "network.policy.source": self.source,
+            "network.policy.reason": self.reason,
+            "network.transport.protocol": self.protocol,
+            "server.address": self.host,
+            "server.port": self.port,
+            "http.request.method": self.method or "none",
+            "client.address": self.client or "unknown",
+            "network.policy.override": self.override,
+        }
+        data.update(self.extra)
+        return data
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision == Decision.ALLOW
+
+
+OPTIONAL_FIELDS: Final = frozenset(
+    {"netproxy.test_id", "conversation.id", "app.version", "user.account_id"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockedRecord:
+    """A refusal kept in the blocked ring (SPEC §10)."""
+
+    host: str
+    reason: str
+    client: str | None
+    method: str | None
+    mode: str
+    protocol: str
+    decision: str
+    source: str
+    port: int
+    timestamp: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "reason": self.reason,
+            "client": self.client,
+            "method": self.method,
+            "mode": self.mode,
+            "protocol": self.protocol,
+            "decision": self.decision,
+            "source": self.source,
+            "port": self.port,
+            "timestamp": _rfc3339(self.timestamp),
+        }
+
+
+EventSink = Callable[[PolicyDecisionEvent], None]
+
+
+class AuditBus:
+    """Fan-out of decision events for one proxy instance (no global state)."""
+
+    def __init__(
+        self, *, audit_log: str | None = None, extra: Mapping[str, str] | None = None
+    ) -> None:
+        self._ring: collections.deque[PolicyDecisionEvent] = collections.deque(maxlen=RING_SIZE)
+        self._blocked: collections.deque[BlockedRecord] = collections.deque(
+            maxlen=BLOCKED_RING_SIZE
+        )
+        self._sinks: list[EventSink] = []
+        self._lock = threading.Lock()
+        self.emitted = 0
+        self.blocked_total = 0
+        self.extra: dict[str, str] = {
+            k: v for k, v in (extra or {}).items() if k in OPTIONAL_FIELDS
+        }
+        self._file: IO[str] | None = None
+        if audit_log == "-":
+            self._file = sys.stdout
+        elif audit_log:
+            fd = os.open(audit_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._file = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+
+    def add_sink(self, sink: EventSink) -> None:
+        self._sinks.append(sink)
+
+    def remove_sink(self, sink: EventSink) -> None:
+        if sink in self._sinks:
+            self._sinks.remove(sink)
+
+    def record(
+        self,
+        request: NetworkPolicyRequest,
+        decision: NetworkDecision,
+        *,
+        mode: str,
+        host: str | None = None,
+    ) -> PolicyDecisionEvent:
+        """Build the event for one evaluation and emit it."""
+        event = PolicyDecisionEvent(
+            scope=str(decision.scope if decision.scope else Scope.DOMAIN),
+            decision=str(decision.decision),
+            source=str(decision.source),
+            reason=str(decision.reason),
+            protocol=str(request.protocol),
+            host=host if host is not None else request.host,
+            port=request.port,
+            method=request.method,
+            client=request.client_addr,
+            override=decision.override,
+            timestamp=datetime.now(UTC),
+            extra=self.extra,
+        )
+        self.emit(event, mode=mode)
+        return event
+
+    def emit(self, event: PolicyDecisionEvent, *, mode: str = "full") -> None:
+        with self._lock:
+            self._ring.append(event)
+            self.emitted += 1
+            if not event.allowed:
+                self.blocked_total += 1
+                self._blocked.append(
+                    BlockedRecord(
+                        host=event.host,
+                        reason=event.reason,
+                        client=event.client,
+                        method=event.method,
+                        mode=mode,
+                        protocol=event.protocol,
+                        decision=event.decision,
+                        source=event.source,
+                        port=event.port,
+                        timestamp=event.timestamp,
+                    )
+                )
+        if log.isEnabledFor(logging.INFO) or self._file is not None:
+            line = json.dumps(event.to_dict(), separators=(",", ":"))
+            log.info("%s", line)
+            if self._file is not None:
+                try:
+                    self._file.write(line + "\n")
+                except (OSError, ValueError) as exc:
+                    _internal.warning("cannot write the audit log: %s", exc)
+        for sink in tuple(self._sinks):
+            try:
+                sink(event)
+            except Exception:  # a broken sink must never break request handling
+                _internal.exception("audit sink %r raised; event dropped for it", sink)
+
+    def events(self) -> list[PolicyDecisionEvent]:
+        with self._lock:
+            return list(self._ring)
+
+    def events_since(self, since: int) -> tuple[list[PolicyDecisionEvent], int]:
+        """Events after the first `since` emitted (as far as the ring holds), and the count."""
+        with self._lock:
+            held = len(self._ring)
+            first_held = self.emitted - held
+            skip = max(0, since - first_held)
+            return list(self._ring)[skip:], self.emitted
+
+    def blocked(self, *, drain: bool = False) -> list[BlockedRecord]:
+        with self._lock:
+            records = list(self._blocked)
+            if drain:
+                self._blocked.clear()
+            return records
+
+    def clear(self) -> None:
+        with self._lock:
+            self._ring.clear()
+            self._blocked.clear()
+
+    def close(self) -> None:
+        if self._file is not None and self._file is not sys.stdout:
+            self._file.close()
+        self._file = None
+
+
+class SinkDispatcher:
+    """Runs a slow sink on its own thread behind a bounded queue; drops (and counts) on overflow."""
+
+    def __init__(self, sink: EventSink, *, maxsize: int = 10_000) -> None:
+        self._sink = sink
+        self._queue: queue.Queue[PolicyDecisionEvent | None] = queue.Queue(maxsize)
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="netproxy-audit-sink", daemon=True)
+        self._thread.start()
+
+    def __call__(self, event: PolicyDecisionEvent) -> None:
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        for event in iter(self._queue.get, None):
+            try:
+                self._sink(event)
+            except Exception:
+                _internal.exception("audit sink %r raised", self._sink)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)

@@ -1,0 +1,1 @@
+"""Per-connection I/O drivers and the one decision path."""

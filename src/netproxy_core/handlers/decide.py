@@ -1,0 +1,113 @@
+"""THE async decision path for every listener (SPEC §4.2, §4.4, §10).
+
+evaluate → decider → method guard → resolve → audit. Exactly one audit event per call,
+emitted here and never at call sites; handler-level refusals (mode guard, host mismatch,
+MITM required) go through `refuse()`, which audits the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import anyio
+
+from ..policy.engine import check_answers, check_host, check_method, deny
+from ..policy.model import (
+    Decision,
+    NetworkDecision,
+    NetworkPolicyRequest,
+    Reason,
+    Scope,
+    Source,
+)
+from .context import ProxyContext
+
+__all__ = ["DECIDER_TIMEOUT", "decide", "refuse"]
+
+DECIDER_TIMEOUT = 10.0
+log = logging.getLogger("netproxy.proxy")
+
+
+async def decide(ctx: ProxyContext, request: NetworkPolicyRequest) -> NetworkDecision:
+    """Evaluate `request` against the live policy; audit and return the decision.
+
+    The returned decision's `addresses` are what the caller must dial (empty: routed).
+    """
+    decision, host = await _evaluate(ctx, request)
+    ctx.audit.record(
+        dataclasses.replace(request, host=host), decision, mode=str(ctx.state.rules.mode)
+    )
+    return decision
+
+
+def refuse(
+    ctx: ProxyContext,
+    request: NetworkPolicyRequest,
+    reason: Reason,
+    source: Source = Source.MODE_GUARD,
+    scope: Scope = Scope.NON_DOMAIN,
+) -> NetworkDecision:
+    """Record a refusal decided outside host policy (mode guard, host mismatch, …)."""
+    decision = deny(reason, source, scope)
+    ctx.audit.record(request, decision, mode=str(ctx.state.rules.mode))
+    return decision
+
+
+async def _evaluate(
+    ctx: ProxyContext, request: NetworkPolicyRequest
+) -> tuple[NetworkDecision, str]:
+    rules = ctx.state.rules
+    if not rules.enabled:
+        return deny(Reason.PROXY_DISABLED, Source.PROXY_STATE, Scope.NON_DOMAIN), request.host
+    verdict = check_host(rules, request.host, request.port)
+    host = verdict.host
+    override = False
+    if verdict.needs_decider and ctx.decider is not None:
+        answer = await _ask_decider(ctx, dataclasses.replace(request, host=host))
+        if not answer.allowed:
+            kind = Decision.ASK if answer.decision is Decision.ASK else Decision.DENY
+            return NetworkDecision(
+                kind, answer.reason or Reason.POLICY_DENIED, Source.DECIDER
+            ), host
+        verdict = check_host(rules, host, request.port, approved=True)
+        override = verdict.reason is None
+    if verdict.reason is not None:
+        return deny(verdict.reason), host
+    guard = check_method(rules, request.protocol, request.method)
+    if guard is not None:
+        return guard, host
+    addresses = verdict.addresses
+    if verdict.needs_resolution:
+        addresses = rules.static_hosts.get(host) or await ctx.resolver.resolve(host, request.port)
+        reason = check_answers(rules, addresses)
+        if reason is not None:
+            return deny(reason), host
+    if override:
+        return NetworkDecision(
+            Decision.ALLOW, Reason.NOT_ALLOWED, Source.DECIDER, override=True, addresses=addresses
+        ), host
+    return NetworkDecision(
+        Decision.ALLOW, Reason.ALLOW, Source.BASELINE_POLICY, addresses=addresses
+    ), host
+
+
+async def _ask_decider(ctx: ProxyContext, request: NetworkPolicyRequest) -> NetworkDecision:
+    assert ctx.decider is not None
+    try:
+        with anyio.fail_after(DECIDER_TIMEOUT):
+            answer = await ctx.decider(request)
+    except TimeoutError:
+        log.warning(
+            "policy decider took longer than %ss for %s; denying", DECIDER_TIMEOUT, request.host
+        )
+        return NetworkDecision.deny(Reason.POLICY_DENIED)
+    except Exception:
+        log.exception("policy decider raised for %s; denying", request.host)
+        return NetworkDecision.deny(Reason.POLICY_DENIED)
+    if not isinstance(answer, NetworkDecision):
+        log.warning(
+            "policy decider returned %r, not a NetworkDecision; denying", type(answer).__name__
+        )
+        return NetworkDecision.deny(Reason.POLICY_DENIED)
+    return answer

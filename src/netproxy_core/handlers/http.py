@@ -1,0 +1,590 @@
+"""HTTP proxy connection driver (SPEC §5): h11 server on the client side, one policy decision
+per request, forwarding with an h11 client, CONNECT hand-off to `tunnel.run_tunnel`.
+
+The same loop serves requests inside an intercepted TLS tunnel (`inner=InnerTarget`), where
+every request must name the tunnel host and is forwarded over verified TLS (SPEC §7.4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+
+import anyio
+import anyio.abc
+import h11
+
+from ..config.model import Mode
+from ..errors import ClientProtocolError, UpstreamError
+from ..hosts import format_host_port
+from ..net.relay import relay
+from ..policy.blocked import render_blocked
+from ..policy.model import NetworkDecision, NetworkPolicyRequest, Protocol, Reason, Scope, Source
+from ..proto.http_head import (
+    Connect,
+    Forward,
+    Reject,
+    authority_for,
+    check_proxy_auth,
+    classify,
+    header_value,
+    strip_hop_by_hop,
+)
+from .context import ProxyContext
+from .decide import decide, refuse
+from .origin import Origin, open_origin
+from .tunnel import TunnelTarget, run_tunnel
+from .unix import UNIX_SOCKET_HEADER, serve_unix_request
+
+__all__ = ["InnerTarget", "RequestHook", "serve_http_client"]
+
+log = logging.getLogger("netproxy.proxy")
+
+READ_SIZE = 65536
+MAX_DRAIN = 1 << 20  # body bytes we read and discard after a refusal before closing instead
+
+# Applied to an allowed inner request before forwarding: returns new headers or a refusal.
+RequestHook = Callable[
+    [h11.Request, "InnerTarget"], Awaitable["list[tuple[bytes, bytes]] | NetworkDecision"]
+]
+
+
+@dataclass(frozen=True, slots=True)
+class InnerTarget:
+    """The tunnel an intercepted connection belongs to."""
+
+    host: str
+    port: int
+    client_addr: str | None
+    hook: RequestHook | None = None
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class HttpSession:
+    """One client connection: reads requests, decides, forwards, answers."""
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        stream: anyio.abc.ByteStream,
+        client_addr: str | None,
+        inner: InnerTarget | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.stream = stream
+        self.client_addr = client_addr
+        self.inner = inner
+        self.conn = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=ctx.limits.max_header_bytes
+        )
+        self._origin_key: tuple[object, ...] | None = None
+        self._origin: Origin | None = None
+        self._origin_conn: h11.Connection | None = None
+        self._head_bytes = 0
+        self._head_newline = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<HttpSession client={self.client_addr} state={self.conn.their_state}"
+            f"{' inner=' + self.inner.host if self.inner else ''}>"
+        )
+
+    # --- reading ------------------------------------------------------------------------
+
+    async def _receive(self) -> bytes:
+        try:
+            return await self.stream.receive(READ_SIZE)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return b""
+
+    async def _next_event(self) -> h11.Event | type[h11.PAUSED]:
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            data = await self._receive()
+            if self.conn.their_state is h11.IDLE:
+                self._head_bytes += len(data)
+                self._head_newline = self._head_newline or b"\n" in data
+            self.conn.receive_data(data)
+
+    async def _read_head(self, first: bool) -> h11.Event | type[h11.PAUSED] | None:
+        """The next request head; None when the connection should just close."""
+        ctx, limits = self.ctx, self.ctx.limits
+        self._head_bytes, self._head_newline = 0, False
+        event = self.conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event  # type: ignore[return-value]
+        wait = limits.handshake_timeout if first else limits.idle_timeout
+        data: bytes | None = None
+        with anyio.fail_after(wait), ctx.idle_wait() as idle:
+            ctx.idle_waits.add(idle)
+            try:
+                data = await self._receive()
+            finally:
+                ctx.idle_waits.discard(idle)
+        if data is None:
+            return None
+        self._head_bytes, self._head_newline = len(data), b"\n" in data
+        self.conn.receive_data(data)
+        with anyio.fail_after(limits.handshake_timeout):
+            return await self._next_event()
+
+    # --- the loop -----------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        first = True
+        try:
+            while True:
+                try:
+                    event = await self._read_head(first)
+                except TimeoutError:
+                    if self._head_bytes:
+                        await self._send_simple(408, "request head not received in time")
+                    return
+                except h11.RemoteProtocolError as exc:
+                    status = exc.error_status_hint
+                    if status == 431 and not self._head_newline:
+                        status = 414
+                    await self._send_simple(status, _protocol_error_text(status, exc))
+                    return
+                if not isinstance(event, h11.Request):
+                    return
+                if not await self._handle(event):
+                    return
+                if self.conn.our_state is not h11.DONE or self.conn.their_state is not h11.DONE:
+                    return
+                self.conn.start_next_cycle()
+                first = False
+        except _ClientGone:
+            return
+        finally:
+            await self._close_origin()
+
+    async def _handle(self, request: h11.Request) -> bool:
+        """Serve one request; False = close the connection afterwards."""
+        headers = list(request.headers)
+        has_te = header_value(headers, b"transfer-encoding") is not None
+        if has_te and header_value(headers, b"content-length") is not None:
+            await self._send_simple(400, "request has both Transfer-Encoding and Content-Length")
+            return False
+        token = self.ctx.config.proxy_auth_token
+        if self.inner is None and token and not check_proxy_auth(headers, token):
+            await self._respond(
+                407,
+                [
+                    (b"proxy-authenticate", b'Basic realm="netproxy"'),
+                    (b"content-type", b"text/plain"),
+                ],
+                b"netproxy requires proxy authentication\n",
+            )
+            return await self._drain()
+        if self.inner is not None:
+            target = self._inner_target(request, headers)
+        else:
+            if header_value(headers, UNIX_SOCKET_HEADER) is not None:
+                return await serve_unix_request(self, request)
+            target = classify(request.method, request.target, headers)
+        method = request.method.decode("ascii", "replace")
+        if isinstance(target, Reject):
+            if target.reason is not None:
+                req = self._policy_request(
+                    Protocol.HTTP if self.inner is None else Protocol.HTTPS,
+                    target.host,
+                    target.port,
+                    method,
+                )
+                refuse(self.ctx, req, target.reason, Source.BASELINE_POLICY, Scope.DOMAIN)
+            await self._send_simple(target.status, target.detail)
+            return False
+        if isinstance(target, Connect):
+            await self._connect(target)
+            return False
+        return await self._forward(request, headers, target, method)
+
+    def _inner_target(
+        self, request: h11.Request, headers: list[tuple[bytes, bytes]]
+    ) -> Forward | Reject:
+        inner = self.inner
+        assert inner is not None
+        if request.method == b"CONNECT":
+            return Reject(405, "CONNECT inside an intercepted tunnel is not allowed")
+        if not request.target.startswith(b"/"):
+            target = classify(request.method, request.target, headers)
+            if isinstance(target, Reject):
+                return target
+            if isinstance(target, Connect):
+                return Reject(405, "CONNECT inside an intercepted tunnel is not allowed")
+            if (target.host, target.port) != (inner.host, inner.port) or target.scheme != "https":
+                return Reject(
+                    400,
+                    "request target does not match the tunnel",
+                    Reason.HOST_MISMATCH,
+                    host=inner.host,
+                    port=inner.port,
+                )
+            return Forward("https", inner.host, inner.port, target.path, target.authority, False)
+        host_header = header_value(headers, b"host")
+        target = classify(b"GET", b"https://" + (host_header or b"") + request.target, [])
+        if (
+            not host_header
+            or isinstance(target, (Reject, Connect))
+            or (target.host, target.port) != (inner.host, inner.port)
+        ):
+            return Reject(
+                400,
+                "Host header does not match the tunnel",
+                Reason.HOST_MISMATCH,
+                host=inner.host,
+                port=inner.port,
+            )
+        return Forward("https", inner.host, inner.port, request.target, host_header, False)
+
+    def _policy_request(
+        self, protocol: Protocol, host: str, port: int, method: str | None
+    ) -> NetworkPolicyRequest:
+        return NetworkPolicyRequest(protocol, host, port, method, self.client_addr)
+
+    # --- forwarding ---------------------------------------------------------------------
+
+    async def _forward(
+        self, request: h11.Request, headers: list[tuple[bytes, bytes]], target: Forward, method: str
+    ) -> bool:
+        ctx = self.ctx
+        protocol = Protocol.HTTPS if self.inner is not None else Protocol.HTTP
+        upgrade = header_value(headers, b"upgrade") is not None
+        req = self._policy_request(protocol, target.host, target.port, method)
+        decision = await decide(ctx, req)
+        if decision.allowed and upgrade and ctx.config.mode is Mode.LIMITED:
+            decision = refuse(ctx, req, Reason.METHOD_NOT_ALLOWED)
+        if decision.allowed and self.inner is None and _hooked(ctx, target.host):
+            decision = refuse(ctx, req, Reason.MITM_REQUIRED)
+        if decision.allowed and self.inner is not None and self.inner.hook is not None:
+            outcome = await self.inner.hook(request, self.inner)
+            if isinstance(outcome, NetworkDecision):
+                decision = outcome
+            else:
+                headers = outcome
+        if not decision.allowed:
+            blocked = render_blocked(
+                decision, host=target.host, port=target.port, protocol=str(protocol), method=method
+            )
+            await self._respond(
+                blocked.status, [(k.encode(), v.encode()) for k, v in blocked.headers], blocked.body
+            )
+            return await self._drain()
+        try:
+            origin, client = await self._origin_for(target, decision)
+        except UpstreamError as exc:
+            await self._upstream_failed(exc)
+            return await self._drain()
+        out = strip_hop_by_hop(headers, keep_upgrade=upgrade)
+        if header_value(out, b"host") is None:
+            out.insert(0, (b"host", authority_for(target.host, target.port, target.scheme)))
+        if header_value(headers, b"transfer-encoding") is not None:
+            out.append((b"transfer-encoding", b"chunked"))
+        path = target.path
+        if origin.via is not None:
+            path = (
+                f"{target.scheme}://".encode()
+                + authority_for(target.host, target.port, target.scheme)
+                + target.path
+            )
+            if origin.via.authorization:
+                out.append((b"proxy-authorization", origin.via.authorization))
+        return await self._exchange(origin, client, request.method, path, out, target)
+
+    async def _origin_for(
+        self, target: Forward, decision: NetworkDecision
+    ) -> tuple[Origin, h11.Connection]:
+        key = (target.scheme, target.host, target.port, decision.addresses)
+        if self._origin is not None and self._origin_key == key and self._origin_conn is not None:
+            conn = self._origin_conn
+            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                conn.start_next_cycle()
+                return self._origin, conn
+        await self._close_origin()
+        origin = await open_origin(self.ctx, target.host, target.port, decision, tls=target.tls)
+        self._origin, self._origin_key = origin, key
+        self._origin_conn = h11.Connection(
+            h11.CLIENT, max_incomplete_event_size=self.ctx.limits.max_header_bytes
+        )
+        return origin, self._origin_conn
+
+    async def _close_origin(self) -> None:
+        if self._origin is not None:
+            origin, self._origin, self._origin_conn, self._origin_key = (
+                self._origin,
+                None,
+                None,
+                None,
+            )
+            with anyio.CancelScope(shield=True):
+                await origin.stream.aclose()
+
+    async def _exchange(
+        self,
+        origin: Origin,
+        client: h11.Connection,
+        method: bytes,
+        path: bytes,
+        headers: list[tuple[bytes, bytes]],
+        target: Forward,
+    ) -> bool:
+        upstream = origin.stream
+        response_started = False
+        body_done = anyio.Event()
+
+        async def send_body() -> None:
+            try:
+                while True:
+                    event = await self._next_event()
+                    if isinstance(event, h11.Data):
+                        await upstream.send(client.send(event))
+                    elif isinstance(event, h11.EndOfMessage):
+                        await upstream.send(client.send(h11.EndOfMessage()))
+                        return
+                    else:
+                        raise _ClientGone
+            finally:
+                body_done.set()
+
+        try:
+            with _upstream_io(target):
+                await upstream.send(
+                    client.send(h11.Request(method=method, target=path, headers=headers))
+                )
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(send_body)
+                    while True:
+                        event = await self._origin_event(client, upstream)
+                        if isinstance(event, h11.InformationalResponse):
+                            if event.status_code == 101:
+                                await body_done.wait()
+                                await self._switch(event, client, upstream)
+                                return False
+                            if self.conn.their_http_version == b"1.1":
+                                await self._send(
+                                    h11.InformationalResponse(
+                                        status_code=event.status_code,
+                                        headers=strip_hop_by_hop(event.headers),
+                                        reason=event.reason,
+                                    )
+                                )
+                            continue
+                        if isinstance(event, h11.Response):
+                            response_started = True
+                            await self._send(
+                                h11.Response(
+                                    status_code=event.status_code,
+                                    headers=strip_hop_by_hop(event.headers),
+                                    reason=event.reason,
+                                )
+                            )
+                        elif isinstance(event, h11.Data):
+                            await self._send(event)
+                        elif isinstance(event, h11.EndOfMessage):
+                            await self._send(h11.EndOfMessage())
+                            break
+                        else:
+                            raise UpstreamError(f"{target.host} closed the connection mid-response")
+                    with anyio.fail_after(self.ctx.limits.idle_timeout):
+                        await body_done.wait()
+        except UpstreamError as exc:
+            await self._close_origin()
+            if response_started:
+                return False
+            await self._upstream_failed(exc)
+            return False
+        if client.our_state is not h11.DONE or client.their_state is not h11.DONE:
+            await self._close_origin()
+        return True
+
+    async def _origin_event(
+        self, client: h11.Connection, upstream: anyio.abc.ByteStream
+    ) -> h11.Event:
+        while True:
+            event = client.next_event()
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            with anyio.fail_after(self.ctx.limits.idle_timeout):
+                try:
+                    data = await upstream.receive(READ_SIZE)
+                except anyio.EndOfStream:
+                    data = b""
+            client.receive_data(data)
+
+    async def _switch(
+        self,
+        event: h11.InformationalResponse,
+        client: h11.Connection,
+        upstream: anyio.abc.ByteStream,
+    ) -> None:
+        """Relay a protocol switch (WebSocket) after a 101 (SPEC §5.5)."""
+        await self._send(
+            h11.InformationalResponse(status_code=101, headers=event.headers, reason=event.reason)
+        )
+        from_client, _ = self.conn.trailing_data
+        from_origin, _ = client.trailing_data
+        if from_client:
+            await upstream.send(from_client)
+        if from_origin:
+            await self.stream.send(from_origin)
+        await relay(self.stream, upstream, idle_timeout=self.ctx.limits.idle_timeout)
+        self._origin = None
+
+    # --- CONNECT ------------------------------------------------------------------------
+
+    async def _connect(self, target: Connect) -> None:
+        tunnel = TunnelTarget(target.host, target.port, Protocol.HTTPS_CONNECT, self.client_addr)
+        if not isinstance(await self._next_event(), h11.EndOfMessage):
+            return
+        decision = await decide(self.ctx, tunnel.request("CONNECT"))
+        if not decision.allowed:
+            await self._send_blocked_text(decision, target)
+            return
+        leftover, _ = self.conn.trailing_data
+
+        async def reply(outcome: UpstreamError | NetworkDecision | None) -> None:
+            if isinstance(outcome, UpstreamError):
+                await self._upstream_failed(outcome)
+            elif isinstance(outcome, NetworkDecision):
+                await self._send_blocked_text(outcome, target)
+            else:
+                await self._send(
+                    h11.Response(status_code=200, headers=[], reason=b"Connection established")
+                )
+
+        await run_tunnel(self.ctx, self.stream, tunnel, decision, reply, leftover=leftover)
+
+    async def _send_blocked_text(self, decision: NetworkDecision, target: Connect) -> None:
+        blocked = render_blocked(
+            decision,
+            host=target.host,
+            port=target.port,
+            protocol=str(Protocol.HTTPS_CONNECT),
+            method="CONNECT",
+            text=True,
+        )
+        await self._respond(
+            blocked.status,
+            [(k.encode(), v.encode()) for k, v in blocked.headers],
+            blocked.body,
+            close=True,
+        )
+
+    # --- writing ------------------------------------------------------------------------
+
+    async def _send(self, event: h11.Event) -> None:
+        data = self.conn.send(event)
+        if data:
+            try:
+                await self.stream.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                raise _ClientGone from None
+
+    async def _respond(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, close: bool = False
+    ) -> None:
+        headers = [*headers, (b"content-length", str(len(body)).encode())]
+        if close:
+            headers.append((b"connection", b"close"))
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            raise _ClientGone
+        await self._send(h11.Response(status_code=status, headers=headers, reason=_phrase(status)))
+        await self._send(h11.Data(data=body))
+        await self._send(h11.EndOfMessage())
+
+    async def _send_simple(
+        self, status: int, text: str, extra: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        with contextlib.suppress(_ClientGone, h11.LocalProtocolError):
+            await self._respond(
+                status,
+                [(b"content-type", b"text/plain; charset=utf-8"), *(extra or [])],
+                text.encode() + b"\n",
+                close=True,
+            )
+
+    async def _upstream_failed(self, exc: UpstreamError) -> None:
+        log.info("upstream failure: %s", exc)
+        await self._send_simple(
+            exc.status, str(exc), [(b"x-proxy-error", exc.proxy_error.encode())]
+        )
+
+    async def _drain(self) -> bool:
+        """After answering without forwarding: discard the request body (bounded)."""
+        if self.conn.their_state is h11.DONE:
+            return True
+        seen = 0
+        with anyio.move_on_after(self.ctx.limits.handshake_timeout):
+            while seen <= MAX_DRAIN:
+                event = await self._next_event()
+                if isinstance(event, h11.Data):
+                    seen += len(event.data)
+                return bool(isinstance(event, h11.EndOfMessage))
+        return False
+
+
+class _upstream_io:
+    """Map stream errors during an exchange to `UpstreamError` (client errors pass)."""
+
+    def __init__(self, target: Forward) -> None:
+        self.target = target
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        label = format_host_port(self.target.host, self.target.port)
+        while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[0]
+        if isinstance(exc, (_ClientGone, UpstreamError)):
+            raise exc
+        if isinstance(exc, TimeoutError):
+            raise UpstreamError(f"{label} did not answer in time", timeout=True) from exc
+        if isinstance(exc, h11.RemoteProtocolError):
+            raise UpstreamError(f"{label} sent an invalid HTTP response: {exc}") from exc
+        if isinstance(exc, (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)):
+            raise UpstreamError(f"connection to {label} failed: {type(exc).__name__}") from exc
+        return False
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def _hooked(ctx: ProxyContext, host: str) -> bool:
+    return any(h.host == host for h in ctx.config.mitm.hooks)
+
+
+def _protocol_error_text(status: int, exc: Exception) -> str:
+    if status == 414:
+        return "request line too long"
+    if status == 431:
+        return "request headers too large"
+    return f"malformed request: {exc}"
+
+
+async def serve_http_client(
+    ctx: ProxyContext, stream: anyio.abc.ByteStream, client_addr: str | None
+) -> None:
+    """Serve one accepted client connection until it closes."""
+    started = time.monotonic()
+    session = HttpSession(ctx, stream, client_addr)
+    try:
+        await session.serve()
+    except ClientProtocolError as exc:
+        log.debug("client %s: %s", client_addr, exc)
+    finally:
+        log.debug("connection from %s closed after %.3fs", client_addr, time.monotonic() - started)

@@ -1,0 +1,107 @@
+"""Open the outbound leg for an allowed destination: route, upstream proxy or checked address.
+
+One function serves every listener (HTTP forward, CONNECT, SOCKS, intercepted requests) so
+routing, chaining and TLS verification are decided in one place (SPEC §4.2 step 6, §5.8).
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+from anyio.streams.tls import TLSStream
+
+from ..errors import UpstreamError
+from ..hosts import format_host_port
+from ..net.dial import dial_addresses
+from ..net.upstream import UpstreamProxy, open_connect_tunnel
+from ..policy.engine import find_route
+from ..policy.model import NetworkDecision
+from .context import ProxyContext
+
+__all__ = ["Origin", "open_origin"]
+
+
+@dataclass(slots=True, eq=False)
+class Origin:
+    """An open outbound stream; `via` is set when a plain-HTTP request goes through an
+    upstream proxy (the request must then use absolute-form)."""
+
+    stream: anyio.abc.ByteStream
+    via: UpstreamProxy | None = None
+
+
+async def open_origin(
+    ctx: ProxyContext,
+    host: str,
+    port: int,
+    decision: NetworkDecision,
+    *,
+    tls: bool = False,
+    tunnel: bool = False,
+) -> Origin:
+    """Connect to ``host:port`` as the policy allowed it.
+
+    Args:
+        tls: originate TLS (verified with system roots + `upstream_ca_files`).
+        tunnel: the caller relays raw bytes (CONNECT/SOCKS): an upstream proxy is asked for a
+            CONNECT tunnel rather than used for absolute-form requests.
+
+    Raises:
+        UpstreamError: connection, chaining or TLS failure (502), or timeout (504).
+    """
+    limits = ctx.limits
+    route = find_route(ctx.state.rules, host, port)
+    via: UpstreamProxy | None = None
+    stream: anyio.abc.ByteStream
+    if route is not None:
+        stream = await dial_addresses(
+            [route[0]], route[1], timeout=limits.connect_timeout, label=format_host_port(host, port)
+        )
+    else:
+        proxy = (
+            ctx.upstream.proxy_for(host, secure=tls or tunnel, routed=False)
+            if ctx.config.allow_upstream_proxy
+            else None
+        )
+        if proxy is not None and (tls or tunnel):
+            stream = await open_connect_tunnel(proxy, host, port, timeout=limits.connect_timeout)
+        elif proxy is not None:
+            stream = await dial_addresses(
+                [proxy.host], proxy.port, timeout=limits.connect_timeout, label=proxy.label
+            )
+            via = proxy
+        else:
+            stream = await dial_addresses(
+                decision.addresses,
+                port,
+                timeout=limits.connect_timeout,
+                label=format_host_port(host, port),
+            )
+    if tls:
+        stream = await _wrap_tls(ctx, stream, host)
+    return Origin(stream, via)
+
+
+async def _wrap_tls(ctx: ProxyContext, stream: anyio.abc.ByteStream, host: str) -> TLSStream:
+    try:
+        with anyio.fail_after(ctx.limits.handshake_timeout):
+            return await TLSStream.wrap(
+                stream,
+                server_hostname=host.partition("%")[0],
+                ssl_context=ctx.origin_tls(),
+                standard_compatible=False,
+            )
+    except TimeoutError:
+        await stream.aclose()
+        raise UpstreamError(f"TLS handshake with {host} timed out", timeout=True) from None
+    except ssl.SSLCertVerificationError as exc:
+        await stream.aclose()
+        raise UpstreamError(
+            f"TLS certificate of {host} is not trusted: {exc.verify_message}"
+        ) from None
+    except (ssl.SSLError, OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+        await stream.aclose()
+        raise UpstreamError(f"TLS handshake with {host} failed: {type(exc).__name__}") from None

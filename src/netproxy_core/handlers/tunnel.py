@@ -1,0 +1,165 @@
+"""Route an allowed CONNECT / SOCKS tunnel: opaque relay or interception (SPEC §5.6, §7.3).
+
+The first client bytes are peeked (never consumed) and replayed to the chosen path. A
+ClientHello's SNI must name the tunnel host (no domain fronting). Opaque tunnels are dialled
+before the client is answered, so a dead upstream gets its 502/504 (or SOCKS error).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+
+from ..config.model import Mode
+from ..errors import InvalidHost, UpstreamError
+from ..hosts import canonicalize_host
+from ..net.relay import relay
+from ..net.streams import ReplayStream, peek
+from ..policy.model import NetworkDecision, NetworkPolicyRequest, Protocol, Reason, Scope, Source
+from ..proto.tls_peek import FirstBytes, classify_first_bytes, parse_client_hello
+from .context import ProxyContext
+from .decide import refuse
+from .origin import open_origin
+
+__all__ = ["TunnelTarget", "interception_required", "run_tunnel"]
+
+log = logging.getLogger("netproxy.proxy")
+
+FIRST_BYTE_WAIT = 0.25
+MAX_HELLO = 128 * 1024
+
+# `reply(None)` = success; an UpstreamError = dial failed; a NetworkDecision = refused.
+Reply = Callable[[UpstreamError | NetworkDecision | None], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelTarget:
+    host: str
+    port: int
+    protocol: Protocol
+    client_addr: str | None
+
+    def request(self, method: str | None = None) -> NetworkPolicyRequest:
+        return NetworkPolicyRequest(self.protocol, self.host, self.port, method, self.client_addr)
+
+
+def interception_required(ctx: ProxyContext, host: str) -> bool:
+    """Limited mode, or the host has MITM hooks (SPEC §7.3)."""
+    config = ctx.config
+    return config.mode is Mode.LIMITED or any(h.host == host for h in config.mitm.hooks)
+
+
+def interception_wanted(ctx: ProxyContext, host: str) -> bool:
+    """Required, or `mitm.enabled = true`, or a brokered credential is bound to the host."""
+    if interception_required(ctx, host) or ctx.config.mitm.enabled is True:
+        return True
+    return ctx.broker_hosts is not None and ctx.broker_hosts(host)
+
+
+async def run_tunnel(
+    ctx: ProxyContext,
+    client: anyio.abc.ByteStream,
+    target: TunnelTarget,
+    decision: NetworkDecision,
+    reply: Reply,
+    *,
+    leftover: bytes = b"",
+) -> None:
+    """Serve one allowed tunnel to its end. Closes `client`."""
+    replay = ReplayStream(client, leftover)
+    try:
+        if not interception_wanted(ctx, target.host):
+            await _opaque(ctx, replay, target, decision, reply)
+            return
+        if ctx.intercept is None and interception_required(ctx, target.host):
+            await reply(refuse(ctx, target.request(), Reason.MITM_REQUIRED))
+            return
+        await reply(None)
+        kind, sni_ok = await _inspect(ctx, replay, target)
+        if not sni_ok:
+            return
+        if kind is FirstBytes.TLS and ctx.intercept is not None:
+            await ctx.intercept(ctx, replay, target)
+            return
+        if ctx.config.mode is Mode.LIMITED:
+            refuse(ctx, target.request(), Reason.METHOD_NOT_ALLOWED)
+            return
+        if interception_required(ctx, target.host):
+            refuse(ctx, target.request(), Reason.MITM_REQUIRED)
+            return
+        try:
+            origin = await open_origin(ctx, target.host, target.port, decision, tunnel=True)
+        except UpstreamError as exc:
+            log.info("tunnel to %s:%s failed after answering: %s", target.host, target.port, exc)
+            return
+        await relay(replay, origin.stream, idle_timeout=ctx.limits.idle_timeout)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await replay.aclose()
+
+
+async def _opaque(
+    ctx: ProxyContext,
+    replay: ReplayStream,
+    target: TunnelTarget,
+    decision: NetworkDecision,
+    reply: Reply,
+) -> None:
+    try:
+        origin = await open_origin(ctx, target.host, target.port, decision, tunnel=True)
+    except UpstreamError as exc:
+        await reply(exc)
+        return
+    try:
+        await reply(None)
+        _kind, sni_ok = await _inspect(ctx, replay, target)
+        if sni_ok:
+            await relay(replay, origin.stream, idle_timeout=ctx.limits.idle_timeout)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await origin.stream.aclose()
+
+
+async def _inspect(
+    ctx: ProxyContext, replay: ReplayStream, target: TunnelTarget
+) -> tuple[FirstBytes, bool]:
+    """Peek the first bytes; returns their kind and whether the SNI (if any) is acceptable."""
+    data = await peek(
+        replay, 3, first_byte_timeout=FIRST_BYTE_WAIT, total_timeout=ctx.limits.handshake_timeout
+    )
+    kind = classify_first_bytes(data)
+    if kind is not FirstBytes.TLS:
+        return (FirstBytes.OTHER if data else FirstBytes.NEED_MORE), True
+    hello = None
+    with anyio.move_on_after(ctx.limits.handshake_timeout):
+        while True:
+            try:
+                hello = parse_client_hello(replay.pending)
+            except ValueError:
+                return kind, True  # not a parseable hello: let TLS itself fail end to end
+            if hello is not None or len(replay.pending) > MAX_HELLO:
+                break
+            before = len(replay.pending)
+            await peek(
+                replay,
+                before + 1,
+                first_byte_timeout=None,
+                total_timeout=ctx.limits.handshake_timeout,
+            )
+            if len(replay.pending) == before:
+                break
+    if hello is None or hello.sni is None:
+        return kind, True
+    try:
+        sni = canonicalize_host(hello.sni)
+    except InvalidHost:
+        sni = hello.sni
+    if sni != target.host:
+        refuse(ctx, target.request(), Reason.HOST_MISMATCH, Source.BASELINE_POLICY, Scope.DOMAIN)
+        log.info("refused tunnel to %s: TLS SNI names %s (domain fronting)", target.host, sni)
+        return kind, False
+    return kind, True

@@ -1,0 +1,1 @@
+"""I/O edge: DNS, dialling, relaying, stream helpers."""

@@ -1,0 +1,161 @@
+"""Pure host-policy evaluation in the exact SPEC §4.2 order. No I/O.
+
+The async driver (`handlers/decide.py`) asks this module what to do next and supplies the
+decider's answer and DNS answers; every rule lives here so it can be tested as a table.
+
+Order: invalid host → deny entry → local literal (exact allow only) → allowlist / decider →
+resolution checks (fail closed, mixed answers refused, deny CIDR on answers).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from ..config.model import Mode, ProxyConfig
+from ..errors import InvalidHost
+from ..hosts import (
+    IPAddress,
+    canonicalize_host,
+    format_host_port,
+    is_local_literal,
+    is_public_ip,
+    parse_ip,
+)
+from ..patterns import PatternSet, compile_pattern
+from .model import Decision, NetworkDecision, Protocol, Reason, Scope, Source
+
+__all__ = [
+    "LIMITED_METHODS",
+    "HostVerdict",
+    "Rules",
+    "check_answers",
+    "check_host",
+    "check_method",
+    "deny",
+    "find_route",
+]
+
+LIMITED_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+_LOCALHOST: Final = (ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1"))
+# Protocols whose requests carry a method the limited-mode guard judges.
+_METHOD_CHECKED: Final = frozenset({Protocol.HTTP, Protocol.HTTPS, Protocol.UNIX_SOCKET})
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """A configuration compiled for evaluation; rebuilt whenever the config changes."""
+
+    enabled: bool
+    mode: Mode
+    allow_local_binding: bool
+    allow: PatternSet
+    deny: PatternSet
+    static_hosts: Mapping[str, tuple[IPAddress, ...]] = field(default_factory=dict)
+    routes: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: ProxyConfig) -> Rules:
+        routes: dict[str, tuple[str, int]] = {}
+        for target, dest in config.routes:
+            host, _, port = dest.rpartition(":")
+            routes[target] = (host.strip("[]"), int(port))
+        return cls(
+            enabled=config.enabled,
+            mode=config.mode,
+            allow_local_binding=config.allow_local_binding,
+            allow=PatternSet(compile_pattern(p) for p in config.allowed_patterns),
+            deny=PatternSet(compile_pattern(p) for p in config.denied_patterns),
+            static_hosts={
+                name: tuple(ipaddress.ip_address(ip) for ip in ips) for name, ips in config.hosts
+            },
+            routes=routes,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HostVerdict:
+    """Result of the static host rules (steps 1–4).
+
+    Exactly one of: `reason` set (blocked); `needs_decider` (not allowlisted, a decider may
+    approve); `needs_resolution` (allowed name: resolve and `check_answers`); or allowed with
+    the literal `addresses` to dial (empty for routed destinations).
+    """
+
+    host: str
+    reason: Reason | None = None
+    needs_decider: bool = False
+    needs_resolution: bool = False
+    addresses: tuple[IPAddress, ...] = ()
+
+
+def deny(
+    reason: Reason, source: Source = Source.BASELINE_POLICY, scope: Scope = Scope.DOMAIN
+) -> NetworkDecision:
+    return NetworkDecision(Decision.DENY, reason, source, scope=scope)
+
+
+def find_route(rules: Rules, host: str, port: int) -> tuple[str, int] | None:
+    """The `routes` target for ``host:port`` (exact port entry first, then the bare host)."""
+    if not rules.routes:
+        return None
+    return rules.routes.get(format_host_port(host, port)) or rules.routes.get(host)
+
+
+def check_host(rules: Rules, raw_host: str, port: int, *, approved: bool = False) -> HostVerdict:
+    """Steps 1–4 of SPEC §4.2 for one destination.
+
+    Args:
+        raw_host: the host as received; canonicalised here (step 1).
+        approved: a decider allowed it; deny and local rules still apply.
+    """
+    try:
+        host = canonicalize_host(raw_host)
+    except InvalidHost:
+        return HostVerdict(raw_host, reason=Reason.INVALID_HOST)
+    if rules.deny.matches(host):
+        return HostVerdict(host, reason=Reason.DENIED)
+    routed = find_route(rules, host, port) is not None
+    if not rules.allow_local_binding and is_local_literal(host):
+        if not rules.allow.names_exactly(host):
+            return HostVerdict(host, reason=Reason.NOT_ALLOWED_LOCAL)
+        return HostVerdict(host, addresses=() if routed else _literal_addresses(host))
+    if not (approved or rules.allow.matches(host)):
+        return HostVerdict(host, reason=Reason.NOT_ALLOWED, needs_decider=True)
+    if routed:
+        return HostVerdict(host)
+    literal = _literal_addresses(host)
+    if literal:
+        return HostVerdict(host, addresses=literal)
+    return HostVerdict(host, needs_resolution=True)
+
+
+def _literal_addresses(host: str) -> tuple[IPAddress, ...]:
+    if host == "localhost" or host.endswith(".localhost"):
+        return _LOCALHOST
+    ip = parse_ip(host)
+    if ip is not None and "%" in host:  # keep the zone: a link-local address needs it to dial
+        ip = ipaddress.IPv6Address(host)
+    return (ip,) if ip is not None else ()
+
+
+def check_answers(rules: Rules, answers: Sequence[IPAddress]) -> Reason | None:
+    """Step 5: judge what an allowed name resolved to (empty = lookup failed)."""
+    if not answers:
+        return Reason.NOT_ALLOWED_LOCAL
+    if any(rules.deny.covers_address(a) for a in answers):
+        return Reason.DENIED
+    if not rules.allow_local_binding and not all(is_public_ip(a) for a in answers):
+        return Reason.NOT_ALLOWED_LOCAL
+    return None
+
+
+def check_method(rules: Rules, protocol: Protocol, method: str | None) -> NetworkDecision | None:
+    """The limited-mode guard (SPEC §4.5), applied after the host rules passed."""
+    if rules.mode is not Mode.LIMITED or protocol not in _METHOD_CHECKED:
+        return None
+    if method in LIMITED_METHODS:
+        return None
+    return deny(Reason.METHOD_NOT_ALLOWED, Source.MODE_GUARD, Scope.NON_DOMAIN)

@@ -1,0 +1,431 @@
+"""`NetworkProxy`: builder, listeners, connection limits, graceful shutdown (SPEC §13, §15).
+
+Assembly only: protocol work happens in `handlers/`. One proxy instance owns its state,
+audit bus, CA and connection table; two proxies in one process never share anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Callable, Generator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from .audit import AuditBus, BlockedRecord, EventSink, PolicyDecisionEvent
+from .certs import CertificateAuthority
+from .config.addresses import format_addr, is_loopback_host, parse_listen_addr
+from .config.model import Access, Mode, ProxyConfig
+from .errors import ConfigError
+from .handlers.context import Decider, ProxyContext
+from .handlers.decide import decide
+from .handlers.http import serve_http_client
+from .handlers.socks import serve_socks_client
+from .net.resolve import Resolver
+from .net.upstream import UpstreamProxies
+from .policy.model import NetworkDecision, NetworkPolicyRequest
+from .state import RuntimeState
+
+__all__ = ["NetworkProxy", "NetworkProxyBuilder", "ProxyHandle", "default_home"]
+
+log = logging.getLogger("netproxy.proxy")
+
+
+def default_home() -> Path:
+    """``$NETPROXY_HOME`` or ``~/.netproxy``."""
+    env = os.environ.get("NETPROXY_HOME")
+    return Path(env) if env else Path.home() / ".netproxy"
+
+
+class NetworkProxyBuilder:
+    """Fluent construction of a `NetworkProxy` (SPEC §13)."""
+
+    def __init__(self) -> None:
+        self._config = ProxyConfig()
+        self._http: str | None = None
+        self._socks: str | None = None
+        self._admin: str | None = None
+        self._decider: Decider | None = None
+        self._sinks: list[EventSink] = []
+        self._ca: CertificateAuthority | None = None
+        self._home: Path | None = None
+        self._resolver: Resolver | None = None
+        self._extra: dict[str, str] = {}
+        self._upstream_env: dict[str, str] | None = None
+
+    def config(self, config: ProxyConfig) -> NetworkProxyBuilder:
+        self._config = config
+        return self
+
+    def http_addr(self, addr: str) -> NetworkProxyBuilder:
+        self._http = addr
+        return self
+
+    def socks_addr(self, addr: str) -> NetworkProxyBuilder:
+        self._socks = addr
+        return self
+
+    def admin_addr(self, addr: str) -> NetworkProxyBuilder:
+        self._admin = addr
+        return self
+
+    def policy_decider(self, decider: Decider) -> NetworkProxyBuilder:
+        self._decider = decider
+        return self
+
+    def event_sink(self, sink: EventSink) -> NetworkProxyBuilder:
+        self._sinks.append(sink)
+        return self
+
+    def certificate_authority(self, ca: CertificateAuthority) -> NetworkProxyBuilder:
+        """Share a CA (e.g. one per pytest session) instead of generating one."""
+        self._ca = ca
+        return self
+
+    def home(self, path: str | os.PathLike[str]) -> NetworkProxyBuilder:
+        self._home = Path(path)
+        return self
+
+    def resolver(self, resolver: Resolver) -> NetworkProxyBuilder:
+        self._resolver = resolver
+        return self
+
+    def audit_fields(self, **fields: str) -> NetworkProxyBuilder:
+        """Optional event fields (``netproxy.test_id``, ``conversation.id`` …)."""
+        self._extra.update(fields)
+        return self
+
+    def upstream_env(self, env: dict[str, str]) -> NetworkProxyBuilder:
+        """Environment to read upstream proxy variables from (default: this process's)."""
+        self._upstream_env = env
+        return self
+
+    async def build(self) -> NetworkProxy:
+        config = self._config
+        changes: dict[str, Any] = {}
+        if self._http is not None:
+            changes["proxy_url"] = self._http
+        if self._socks is not None:
+            changes["socks_url"] = self._socks
+        if self._admin is not None:
+            changes["admin_url"] = self._admin
+        if changes:
+            config = config.with_changes(**changes)
+        return NetworkProxy(
+            config,
+            decider=self._decider,
+            sinks=self._sinks,
+            ca=self._ca,
+            home=self._home,
+            resolver=self._resolver,
+            audit_fields=self._extra,
+            upstream=UpstreamProxies.from_env(self._upstream_env),
+        )
+
+
+@dataclass(slots=True, eq=False)
+class _Connection:
+    scope: anyio.CancelScope
+    busy: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class ProxyHandle:
+    """A running proxy: the addresses actually bound and `shutdown()`."""
+
+    proxy: NetworkProxy
+    http_addr: tuple[str, int] | None
+    socks_addr: tuple[str, int] | None
+    admin_addr: tuple[str, int] | None = None
+    ca_cert_path: Path | None = None
+    ca_bundle_path: Path | None = None
+    _stop: anyio.Event = field(default_factory=anyio.Event)
+    _done: anyio.Event = field(default_factory=anyio.Event)
+    _task: asyncio.Task[None] | None = None
+
+    @property
+    def http_url(self) -> str | None:
+        return f"http://{format_addr(*self.http_addr)}" if self.http_addr else None
+
+    @property
+    def socks_url(self) -> str | None:
+        return f"socks5h://{format_addr(*self.socks_addr)}" if self.socks_addr else None
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let open exchanges finish (up to `shutdown_grace`), close."""
+        self._stop.set()
+        await self._done.wait()
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+
+class _RunCall:
+    """`await proxy.run()` or `async with proxy.run() as handle`."""
+
+    def __init__(self, proxy: NetworkProxy) -> None:
+        self._proxy = proxy
+        self._cm: Any = None
+
+    def __await__(self) -> Generator[Any, None, ProxyHandle]:
+        return self._start_detached().__await__()
+
+    async def _start_detached(self) -> ProxyHandle:
+        started: asyncio.Future[ProxyHandle] = asyncio.get_running_loop().create_future()
+
+        async def main() -> None:
+            try:
+                async with self._proxy._serving() as handle:
+                    started.set_result(handle)
+                    await handle._stop.wait()
+            except BaseException as exc:
+                if not started.done():
+                    started.set_exception(exc)
+                    return
+                raise
+
+        task = asyncio.get_running_loop().create_task(main())
+        handle = await started
+        handle._task = task
+        return handle
+
+    async def __aenter__(self) -> ProxyHandle:
+        self._cm = self._proxy._serving()
+        handle: ProxyHandle = await self._cm.__aenter__()
+        return handle
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._cm.__aexit__(*exc)
+
+
+class NetworkProxy:
+    """The proxy engine. Build with `NetworkProxy.builder()`; serve with `run()`."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        *,
+        decider: Decider | None = None,
+        sinks: list[EventSink] | None = None,
+        ca: CertificateAuthority | None = None,
+        home: Path | None = None,
+        resolver: Resolver | None = None,
+        audit_fields: dict[str, str] | None = None,
+        upstream: UpstreamProxies | None = None,
+    ) -> None:
+        self.state = RuntimeState(config)
+        self.audit = AuditBus(audit_log=config.audit_log, extra=audit_fields)
+        for sink in sinks or ():
+            self.audit.add_sink(sink)
+        self.home = home or default_home()
+        if ca is None and config.mitm_possible:
+            ca = (
+                CertificateAuthority.from_files(
+                    config.mitm.ca.certificate_file, config.mitm.ca.private_key_file
+                )
+                if config.mitm.ca is not None
+                else CertificateAuthority.generate()
+            )
+        self.ca = ca if config.mitm_possible else None
+        self.ctx = ProxyContext(
+            state=self.state,
+            audit=self.audit,
+            resolver=resolver or Resolver(timeout=config.limits.dns_timeout),
+            decider=decider,
+            ca=self.ca,
+            upstream=upstream or UpstreamProxies.from_env(),
+        )
+        self._connections: dict[int, _Connection] = {}
+        self._over_limit_logged = False
+        self.handle: ProxyHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"<NetworkProxy {self.state!r}>"
+
+    @staticmethod
+    def builder() -> NetworkProxyBuilder:
+        return NetworkProxyBuilder()
+
+    @property
+    def config(self) -> ProxyConfig:
+        return self.state.config
+
+    # --- policy API ---------------------------------------------------------------------
+
+    async def evaluate(self, request: NetworkPolicyRequest) -> NetworkDecision:
+        """Evaluate a request without traffic (audited like a real one)."""
+        return await decide(self.ctx, request)
+
+    def allow(self, *patterns: str) -> None:
+        self.state.allow(*patterns)
+
+    def deny(self, *patterns: str) -> None:
+        self.state.deny(*patterns)
+
+    def set_mode(self, mode: str | Mode) -> None:
+        self.state.set_mode(mode)
+
+    def events(self) -> list[PolicyDecisionEvent]:
+        return self.audit.events()
+
+    def blocked(self) -> list[BlockedRecord]:
+        return self.audit.blocked()
+
+    def reload(self, config: ProxyConfig) -> None:
+        """Swap in a new configuration (listener addresses stay as bound)."""
+        self.state.replace(config)
+        self.ctx._origin_tls = None
+
+    # --- running ------------------------------------------------------------------------
+
+    def run(self) -> _RunCall:
+        return _RunCall(self)
+
+    def _bind_addr(self, value: str, default_port: int) -> tuple[str, int]:
+        host, port = parse_listen_addr(value, default_port)
+        config = self.config
+        unix = config.dangerously_allow_all_unix_sockets or any(
+            a is Access.ALLOW for _, a in config.unix_sockets
+        )
+        if not is_loopback_host(host) and (unix or not config.dangerously_allow_non_loopback_proxy):
+            log.warning(
+                "listener address %s is not loopback; binding 127.0.0.1:%d instead%s",
+                format_addr(host, port),
+                port,
+                " (unix sockets are enabled)"
+                if unix
+                else " (set dangerously_allow_non_loopback_proxy to keep it)",
+            )
+            host = "127.0.0.1"
+        return host, port
+
+    @asynccontextmanager
+    async def _serving(self) -> AsyncIterator[ProxyHandle]:
+        config = self.config
+        if not config.enabled:
+            raise ConfigError(
+                "the proxy is disabled (enabled = false); nothing to serve", key="enabled"
+            )
+        listeners: list[tuple[anyio.abc.Listener[Any], Callable[..., Any]]] = []
+        try:
+            http_host, http_port = self._bind_addr(config.proxy_url, 3128)
+            http = await _listen(http_host, http_port, "HTTP")
+            listeners.append((http, serve_http_client))
+            socks = None
+            if config.enable_socks5:
+                socks_host, socks_port = self._bind_addr(config.socks_url, 8081)
+                socks = await _listen(socks_host, socks_port, "SOCKS5")
+                listeners.append((socks, serve_socks_client))
+            handle = ProxyHandle(self, _bound(http), _bound(socks) if socks else None)
+            if self.ca is not None:
+                handle.ca_cert_path, handle.ca_bundle_path = self.ca.write_public_files(
+                    self.home, config.upstream_ca_files
+                )
+            self.handle = handle
+            async with anyio.create_task_group() as tg:
+                for listener, serve in listeners:
+                    tg.start_soon(self._accept_loop, listener, serve)
+                try:
+                    yield handle
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._shutdown(tg, listeners)
+                    handle._done.set()
+        finally:
+            for listener, _ in listeners:
+                with anyio.CancelScope(shield=True):
+                    await listener.aclose()
+            self.audit.close()
+
+    async def _accept_loop(
+        self, listener: anyio.abc.Listener[Any], serve: Callable[..., Any]
+    ) -> None:
+        async with anyio.create_task_group() as conns:
+
+            async def handler(stream: anyio.abc.SocketStream) -> None:
+                await self._serve_connection(stream, serve)
+
+            await listener.serve(handler, task_group=conns)
+
+    async def _serve_connection(
+        self, stream: anyio.abc.SocketStream, serve: Callable[..., Any]
+    ) -> None:
+        limits = self.config.limits
+        if len(self._connections) >= limits.max_connections:
+            if not self._over_limit_logged:
+                log.warning(
+                    "more than %d connections: refusing new ones until some close",
+                    limits.max_connections,
+                )
+                self._over_limit_logged = True
+            await stream.aclose()
+            return
+        self._over_limit_logged = False
+        client = _peer(stream)
+        try:
+            sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, anyio.TypedAttributeLookupError):
+            pass
+        with anyio.CancelScope() as scope:
+            key = id(scope)
+            self._connections[key] = _Connection(scope)
+            try:
+                await serve(self.ctx, stream, client)
+            except Exception:
+                log.exception("connection from %s failed", client)
+            finally:
+                del self._connections[key]
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+
+    async def _shutdown(
+        self,
+        tg: anyio.abc.TaskGroup,
+        listeners: list[tuple[anyio.abc.Listener[Any], Callable[..., Any]]],
+    ) -> None:
+        for listener, _ in listeners:
+            await listener.aclose()
+        self.ctx.shutting_down = True
+        for idle in list(self.ctx.idle_waits):
+            idle.cancel()
+        grace = self.config.limits.shutdown_grace
+        with anyio.move_on_after(grace):
+            while self._connections:
+                await anyio.sleep(0.02)
+        for conn in list(self._connections.values()):
+            conn.scope.cancel()
+        tg.cancel_scope.cancel()
+
+
+async def _listen(host: str, port: int, what: str) -> anyio.abc.Listener[Any]:
+    try:
+        return await anyio.create_tcp_listener(
+            local_host=host, local_port=port, reuse_port=False, backlog=4096
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen for {what} on {format_addr(host, port)}: {exc.strerror}"
+        ) from None
+
+
+def _bound(listener: anyio.abc.Listener[Any]) -> tuple[str, int]:
+    sockaddr = listener.extra(anyio.abc.SocketAttribute.local_address)
+    return str(sockaddr[0]), int(sockaddr[1])
+
+
+def _peer(stream: anyio.abc.SocketStream) -> str | None:
+    try:
+        address = stream.extra(anyio.abc.SocketAttribute.remote_address)
+    except anyio.TypedAttributeLookupError:
+        return None
+    if isinstance(address, tuple):
+        return format_addr(str(address[0]), int(address[1]))
+    return None
