@@ -7,6 +7,7 @@ audit bus, CA and connection table; two proxies in one process never share anyth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -329,14 +330,18 @@ class NetworkProxy:
                     self.home, config.upstream_ca_files
                 )
             self.handle = handle
-            async with anyio.create_task_group() as tg:
-                for listener, serve in listeners:
-                    tg.start_soon(self._accept_loop, listener, serve)
+            async with anyio.create_task_group() as conns:
                 try:
-                    yield handle
+                    async with anyio.create_task_group() as accepts:
+                        for listener, serve in listeners:
+                            accepts.start_soon(self._accept_loop, listener, serve, conns)
+                        try:
+                            yield handle
+                        finally:
+                            accepts.cancel_scope.cancel()
                 finally:
                     with anyio.CancelScope(shield=True):
-                        await self._shutdown(tg, listeners)
+                        await self._shutdown(conns, listeners)
                     handle._done.set()
         finally:
             for listener, _ in listeners:
@@ -345,13 +350,15 @@ class NetworkProxy:
             self.audit.close()
 
     async def _accept_loop(
-        self, listener: anyio.abc.Listener[Any], serve: Callable[..., Any]
+        self,
+        listener: anyio.abc.Listener[Any],
+        serve: Callable[..., Any],
+        conns: anyio.abc.TaskGroup,
     ) -> None:
-        async with anyio.create_task_group() as conns:
+        async def handler(stream: anyio.abc.SocketStream) -> None:
+            await self._serve_connection(stream, serve)
 
-            async def handler(stream: anyio.abc.SocketStream) -> None:
-                await self._serve_connection(stream, serve)
-
+        with contextlib.suppress(anyio.ClosedResourceError):
             await listener.serve(handler, task_group=conns)
 
     async def _serve_connection(

@@ -1,0 +1,1 @@
+"""pytest_netproxy: the pytest plugin of netproxy (SPEC §14)."""
