@@ -306,7 +306,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         cmd = cmd[1:]
     if not cmd:
         raise UsageError("run needs a command after --")
-    return run_command(config_from_args(args), args, cmd)
+    status: int = run_command(config_from_args(args), args, cmd)
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:

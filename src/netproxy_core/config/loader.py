@@ -516,13 +516,18 @@ def _to_config(raw: Raw, profile: str, sources: tuple[str, ...], label: str) -> 
             )
             for pid, p in raw.get("credential_providers", {}).items()
         ),
-        limits=Limits(
-            **{k: (int(v) if k.startswith("max_") else float(v)) for k, v in limits.items()}
-        ),
+        limits=_to_limits(limits),
         otel=OtelConfig(**otel),
         profile=profile,
         sources=sources,
     )
+
+
+def _to_limits(raw: Raw) -> Limits:
+    values: dict[str, Any] = {
+        k: (int(v) if k.startswith("max_") else float(v)) for k, v in raw.items()
+    }
+    return Limits(**values)
 
 
 def _as_tuple(value: str | list[str]) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Literal
 from http import HTTPStatus
 
 import anyio
@@ -186,6 +187,7 @@ class HttpSession:
                 b"netproxy requires proxy authentication\n",
             )
             return await self._drain()
+        target: Forward | Connect | Reject
         if self.inner is not None:
             target = self._inner_target(request, headers)
         else:
@@ -542,7 +544,7 @@ class _upstream_io:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> Literal[False]:
         label = format_host_port(self.target.host, self.target.port)
         while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
             exc = exc.exceptions[0]

@@ -90,7 +90,7 @@ async def _wrap_tls(ctx: ProxyContext, stream: anyio.abc.ByteStream, host: str) 
         with anyio.fail_after(ctx.limits.handshake_timeout):
             return await TLSStream.wrap(
                 stream,
-                server_hostname=host.partition("%")[0],
+                hostname=host.partition("%")[0],
                 ssl_context=ctx.origin_tls(),
                 standard_compatible=False,
             )
