@@ -3,11 +3,16 @@
 `AuditBus.emit` is called exactly once per policy evaluation (by `handlers/decide.py`). It
 logs to the ``netproxy.audit`` logger, keeps the last 10,000 events in a ring, appends JSON
 lines to `audit_log`, records refusals in the blocked ring (200) and hands the event to every
-registered sink. A sink that raises is logged and skipped; sinks run on the event loop, so a
-sink must be quick (`SinkDispatcher` below moves slow sinks to their own thread).
+registered sink.
+
+Sinks never stall or break request handling: by default each sink runs on its own thread
+behind a bounded queue (`SinkDispatcher`), in emission order; a sink that raises is logged and
+skipped. `add_sink(fn, inline=True)` calls a sink on the event loop instead (for quick sinks
+that must see an event before the client sees the response); `flush()` waits until every
+threaded sink has caught up.
 
 Events never carry URLs, paths, query strings, header values or credentials: the type has no
-field that could hold one.
+field that could hold one, and `to_dict()` passes only the four optional SPEC fields.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any, Final
 
+from .errors import ConfigError
 from .policy.model import Decision, NetworkDecision, NetworkPolicyRequest, Scope
 
 __all__ = [
@@ -80,7 +87,7 @@ class PolicyDecisionEvent:
             "client.address": self.client or "unknown",
             "network.policy.override": self.override,
         }
-        data.update(self.extra)
+        data.update((k, v) for k, v in self.extra.items() if k in OPTIONAL_FIELDS)
         return data
 
     @property
@@ -136,7 +143,7 @@ class AuditBus:
         self._blocked: collections.deque[BlockedRecord] = collections.deque(
             maxlen=BLOCKED_RING_SIZE
         )
-        self._sinks: list[EventSink] = []
+        self._sinks: list[_SinkEntry] = []
         self._lock = threading.Lock()
         self.emitted = 0
         self.blocked_total = 0
@@ -147,15 +154,45 @@ class AuditBus:
         if audit_log == "-":
             self._file = sys.stdout
         elif audit_log:
-            fd = os.open(audit_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                fd = os.open(audit_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot open audit_log {audit_log}: {exc.strerror}", key="audit_log"
+                ) from None
             self._file = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
 
-    def add_sink(self, sink: EventSink) -> None:
-        self._sinks.append(sink)
+    def add_sink(
+        self,
+        sink: EventSink,
+        *,
+        inline: bool = False,
+        close: Callable[[], None] | None = None,
+    ) -> None:
+        """Deliver every future event to `sink`.
+
+        Args:
+            sink: called with each `PolicyDecisionEvent`; exceptions are logged and dropped.
+            inline: call it on the emitting (event-loop) thread, before the request goes on;
+                only for sinks that return at once. Default: its own thread (`SinkDispatcher`).
+            close: called once by `close()` after the last event was delivered.
+        """
+        deliver: EventSink = sink if inline else SinkDispatcher(sink)
+        self._sinks.append(_SinkEntry(sink, deliver, close))
 
     def remove_sink(self, sink: EventSink) -> None:
-        if sink in self._sinks:
-            self._sinks.remove(sink)
+        for entry in [e for e in self._sinks if e.sink is sink]:
+            self._sinks.remove(entry)
+            entry.shut(timeout=0.0)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until threaded sinks received every event emitted so far; False on timeout."""
+        deadline = time.monotonic() + timeout
+        ok = True
+        for entry in tuple(self._sinks):
+            if isinstance(entry.deliver, SinkDispatcher):
+                ok = entry.deliver.flush(max(0.0, deadline - time.monotonic())) and ok
+        return ok
 
     def record(
         self,
@@ -204,18 +241,20 @@ class AuditBus:
                     )
                 )
         if log.isEnabledFor(logging.INFO) or self._file is not None:
-            line = json.dumps(event.to_dict(), separators=(",", ":"))
-            log.info("%s", line)
+            data = event.to_dict()
+            line = json.dumps(data, separators=(",", ":"))
+            log.info("%s", line, extra={"netproxy_event": data})
             if self._file is not None:
                 try:
                     self._file.write(line + "\n")
+                    self._file.flush()
                 except (OSError, ValueError) as exc:
                     _internal.warning("cannot write the audit log: %s", exc)
-        for sink in tuple(self._sinks):
+        for entry in tuple(self._sinks):
             try:
-                sink(event)
+                entry.deliver(event)
             except Exception:  # a broken sink must never break request handling
-                _internal.exception("audit sink %r raised; event dropped for it", sink)
+                _internal.exception("audit sink %r raised; event dropped for it", entry.sink)
 
     def events(self) -> list[PolicyDecisionEvent]:
         with self._lock:
@@ -241,35 +280,98 @@ class AuditBus:
             self._ring.clear()
             self._blocked.clear()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Deliver what threaded sinks still hold (up to `timeout`), close sinks and the file.
+
+        Blocking: call it from a worker thread when an event loop is running.
+        """
+        deadline = time.monotonic() + timeout
+        sinks, self._sinks = self._sinks, []
+        for entry in sinks:
+            entry.shut(timeout=max(0.0, deadline - time.monotonic()))
         if self._file is not None and self._file is not sys.stdout:
             self._file.close()
         self._file = None
 
 
+@dataclass(slots=True, eq=False)
+class _SinkEntry:
+    sink: EventSink
+    deliver: EventSink
+    closer: Callable[[], None] | None
+
+    def shut(self, *, timeout: float) -> None:
+        if isinstance(self.deliver, SinkDispatcher):
+            self.deliver.close(timeout)
+        if self.closer is not None:
+            try:
+                self.closer()
+            except Exception:
+                _internal.exception("closing audit sink %r failed", self.sink)
+
+
 class SinkDispatcher:
-    """Runs a slow sink on its own thread behind a bounded queue; drops (and counts) on overflow."""
+    """Runs a (possibly slow) sink on its own thread behind a bounded queue, in order.
+
+    The thread starts with the first event, so a proxy that never emits leaves no thread.
+    On overflow events are dropped and counted (`dropped`), never waited for.
+    """
 
     def __init__(self, sink: EventSink, *, maxsize: int = 10_000) -> None:
         self._sink = sink
         self._queue: queue.Queue[PolicyDecisionEvent | None] = queue.Queue(maxsize)
+        self._cond = threading.Condition()
+        self._pending = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
         self.dropped = 0
-        self._thread = threading.Thread(target=self._run, name="netproxy-audit-sink", daemon=True)
-        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"<SinkDispatcher {self._sink!r} pending={self._pending} dropped={self.dropped}>"
 
     def __call__(self, event: PolicyDecisionEvent) -> None:
-        try:
-            self._queue.put_nowait(event)
-        except queue.Full:
-            self.dropped += 1
+        with self._cond:
+            if self._closed:
+                self.dropped += 1
+                return
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="netproxy-audit-sink", daemon=True
+                )
+                self._thread.start()
+            try:
+                self._queue.put_nowait(event)
+            except queue.Full:
+                self.dropped += 1
+                return
+            self._pending += 1
 
     def _run(self) -> None:
         for event in iter(self._queue.get, None):
             try:
                 self._sink(event)
             except Exception:
-                _internal.exception("audit sink %r raised", self._sink)
+                _internal.exception("audit sink %r raised; event dropped for it", self._sink)
+            with self._cond:
+                self._pending -= 1
+                self._cond.notify_all()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued event was handed to the sink; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending == 0, timeout)
 
     def close(self, timeout: float = 5.0) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout)
+        """Deliver what is queued (up to `timeout`), then stop the thread."""
+        with self._cond:
+            self._closed = True
+            thread = self._thread
+        if thread is None:
+            return
+        self.flush(timeout)
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:  # a stuck sink: leave its daemon thread behind
+            _internal.warning("audit sink %r did not finish; abandoning it", self._sink)
+            return
+        thread.join(timeout=max(0.1, timeout))

@@ -7,6 +7,7 @@ stderr, ``netproxy-core: error: …`` — never a traceback or a usage dump.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -93,6 +94,12 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
         "--audit-log", metavar="F|-", help="append audit events as JSON lines ('-' = stdout)"
     )
     p.add_argument(
+        "--otel",
+        action="store_true",
+        default=None,
+        help="export audit events as OpenTelemetry log records (needs the otel extra)",
+    )
+    p.add_argument(
         "--home", metavar="DIR", help="state directory (default $NETPROXY_HOME or ~/.netproxy)"
     )
     p.add_argument("--ready-file", metavar="F", help="also write the ready JSON line to this file")
@@ -177,6 +184,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
             changes[key] = getattr(args, flag)
     if getattr(args, "no_socks5", False):
         changes["enable_socks5"] = False
+    if getattr(args, "otel", None):
+        changes["otel"] = dataclasses.replace(config.otel, enabled=True)
     return config.with_changes(**changes) if changes else config
 
 

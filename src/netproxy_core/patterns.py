@@ -153,19 +153,25 @@ def _seg_at(seg: str, host: str, pos: int) -> bool:
 
 
 def _seg_find(seg: str, host: str, start: int, end: int) -> int:
+    """Leftmost start of `seg` inside ``host[start:end]``, or -1 (``?`` = any one character)."""
     if "?" not in seg:
         return host.find(seg, start, end)
-    # Anchor on the longest literal run so the scan stays fast; verify candidates.
-    anchor = max(seg.split("?"), key=len)
-    if not anchor:
-        return start if end - start >= len(seg) else -1
-    offset = seg.index(anchor)
-    pos = host.find(anchor, start + offset, end)
-    while pos >= 0:
-        candidate = pos - offset
-        if candidate + len(seg) <= end and _seg_at(seg, host, candidate):
-            return candidate
-        pos = host.find(anchor, pos + 1, end)
+    # Shift-and: one pass over the host whatever the pattern; a scan that re-checks each
+    # candidate costs O(len(host) * len(seg)) on hosts like "aaaa…" (`*a?a?…a?b*`).
+    width = len(seg)
+    if end - start < width:
+        return -1
+    wild, masks = 0, dict[str, int]()
+    for i, c in enumerate(seg):
+        if c == "?":
+            wild |= 1 << i
+        else:
+            masks[c] = masks.get(c, 0) | 1 << i
+    goal, state = 1 << (width - 1), 0
+    for pos in range(start, end):
+        state = ((state << 1) | 1) & (masks.get(host[pos], 0) | wild)
+        if state & goal:
+            return pos - width + 1
     return -1
 
 
@@ -313,8 +319,13 @@ class PatternSet:
         return bool(self.patterns)
 
     def matches(self, host: str) -> bool:
-        """Whether any pattern matches the canonical host."""
-        if self._has_global or host in self._exact:
+        """Whether any pattern matches the canonical host (or the IPv4 it spells)."""
+        if self._has_global:
+            return True
+        return any(self._matches(h) for h in _spellings(host))
+
+    def _matches(self, host: str) -> bool:
+        if host in self._exact:
             return True
         if "%" in host and strip_zone(host) in self._exact:
             return True
@@ -322,10 +333,38 @@ class PatternSet:
 
     def names_exactly(self, host: str) -> bool:
         """An exact (non-wildcard) entry names this host, or a CIDR entry covers it."""
-        if host in self._exact or ("%" in host and strip_zone(host) in self._exact):
-            return True
-        return any(p.kind is PatternKind.CIDR and p.matches(host) for p in self._others)
+        for h in _spellings(host):
+            if h in self._exact or ("%" in h and strip_zone(h) in self._exact):
+                return True
+            if any(p.kind is PatternKind.CIDR and p.matches(h) for p in self._others):
+                return True
+        return False
 
     def covers_address(self, ip: IPAddress) -> bool:
-        """A CIDR entry contains this resolved address."""
-        return any(p.covers(ip) for p in self._others)
+        """A CIDR entry contains this resolved address (or the IPv4 it spells)."""
+        inner = _direct_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
+        return any(p.covers(ip) or (inner is not None and p.covers(inner)) for p in self._others)
+
+
+_NAT64: Final = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def _direct_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 host an IPv6 address reaches as such: mapped ``::ffff:a.b.c.d``, NAT64."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def _spellings(host: str) -> tuple[str, ...]:
+    """The host, plus its dotted-quad spelling for a mapped/NAT64 IPv6 literal, so an entry
+    for ``10.0.0.1`` (or ``10.0.0.0/8``) also judges ``[::ffff:10.0.0.1]``."""
+    if ":" not in host:
+        return (host,)
+    try:
+        inner = _direct_ipv4(ipaddress.IPv6Address(strip_zone(host)))
+    except ValueError:
+        return (host,)
+    return (host,) if inner is None else (host, str(inner))

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import socket
 from collections.abc import AsyncIterator, Callable, Generator
 from contextlib import asynccontextmanager
@@ -21,14 +22,18 @@ import anyio
 import anyio.abc
 
 from .audit import AuditBus, BlockedRecord, EventSink, PolicyDecisionEvent
+from .broker import CredentialBroker
 from .certs import CertificateAuthority
 from .config.addresses import format_addr, is_loopback_host, parse_listen_addr
+from .config.loader import load_config
 from .config.model import Access, Mode, ProxyConfig
 from .errors import ConfigError
 from .handlers.context import Decider, ProxyContext
 from .handlers.decide import decide
 from .handlers.http import serve_http_client
+from .handlers.intercept import MitmInterceptor
 from .handlers.socks import serve_socks_client
+from .mitm_hooks import compile_hooks
 from .net.resolve import Resolver
 from .net.upstream import UpstreamProxies
 from .policy.model import NetworkDecision, NetworkPolicyRequest
@@ -54,7 +59,8 @@ class NetworkProxyBuilder:
         self._socks: str | None = None
         self._admin: str | None = None
         self._decider: Decider | None = None
-        self._sinks: list[EventSink] = []
+        self._sinks: list[tuple[EventSink, bool]] = []
+        self._reloader: Callable[[], ProxyConfig] | None = None
         self._ca: CertificateAuthority | None = None
         self._home: Path | None = None
         self._resolver: Resolver | None = None
@@ -81,8 +87,18 @@ class NetworkProxyBuilder:
         self._decider = decider
         return self
 
-    def event_sink(self, sink: EventSink) -> NetworkProxyBuilder:
-        self._sinks.append(sink)
+    def event_sink(self, sink: EventSink, *, inline: bool = False) -> NetworkProxyBuilder:
+        """Deliver every decision event to `sink` (on its own thread unless `inline`).
+
+        A sink that raises or is slow never breaks or stalls request handling; `inline=True`
+        calls it on the event loop before the request proceeds (only for instant sinks).
+        """
+        self._sinks.append((sink, inline))
+        return self
+
+    def reloader(self, load: Callable[[], ProxyConfig]) -> NetworkProxyBuilder:
+        """How `POST /reload` and SIGHUP re-read the configuration (default: its files)."""
+        self._reloader = load
         return self
 
     def certificate_authority(self, ca: CertificateAuthority) -> NetworkProxyBuilder:
@@ -122,7 +138,9 @@ class NetworkProxyBuilder:
         return NetworkProxy(
             config,
             decider=self._decider,
-            sinks=self._sinks,
+            sinks=[s for s, inline in self._sinks if not inline],
+            inline_sinks=[s for s, inline in self._sinks if inline],
+            reloader=self._reloader,
             ca=self._ca,
             home=self._home,
             resolver=self._resolver,
@@ -215,6 +233,8 @@ class NetworkProxy:
         *,
         decider: Decider | None = None,
         sinks: list[EventSink] | None = None,
+        inline_sinks: list[EventSink] | None = None,
+        reloader: Callable[[], ProxyConfig] | None = None,
         ca: CertificateAuthority | None = None,
         home: Path | None = None,
         resolver: Resolver | None = None,
@@ -222,9 +242,20 @@ class NetworkProxy:
         upstream: UpstreamProxies | None = None,
     ) -> None:
         self.state = RuntimeState(config)
+        otel = None
+        if config.otel.enabled:
+            from .otel import OtelSink
+
+            otel = OtelSink(config.otel)  # ConfigError without the `otel` extra
         self.audit = AuditBus(audit_log=config.audit_log, extra=audit_fields)
         for sink in sinks or ():
             self.audit.add_sink(sink)
+        for sink in inline_sinks or ():
+            self.audit.add_sink(sink, inline=True)
+        if otel is not None:  # the SDK batches and exports on its own thread
+            self.audit.add_sink(otel, inline=True, close=otel.close)
+        self._reloader = reloader
+        self.admin_token: str | None = None
         self.home = home or default_home()
         if ca is None and config.mitm_possible:
             ca = (
@@ -235,6 +266,8 @@ class NetworkProxy:
                 else CertificateAuthority.generate()
             )
         self.ca = ca if config.mitm_possible else None
+        # Hooks are compiled (secrets read, matchers checked) now: bad hooks fail the build.
+        self._interceptor = MitmInterceptor(compile_hooks(config.mitm))
         self.ctx = ProxyContext(
             state=self.state,
             audit=self.audit,
@@ -242,7 +275,13 @@ class NetworkProxy:
             decider=decider,
             ca=self.ca,
             upstream=upstream or UpstreamProxies.from_env(),
+            intercept=self._interceptor if self.ca is not None else None,
         )
+        # One broker per proxy: it virtualises child envs and swaps dummies at request time.
+        self.broker = CredentialBroker.from_config(config) if config.credential_broker else None
+        if self.broker is not None:
+            self.ctx.broker = self.broker
+            self.ctx.broker_hosts = self.broker.is_bound
         self._connections: dict[int, _Connection] = {}
         self._over_limit_logged = False
         self.handle: ProxyHandle | None = None
@@ -280,9 +319,37 @@ class NetworkProxy:
         return self.audit.blocked()
 
     def reload(self, config: ProxyConfig) -> None:
-        """Swap in a new configuration (listener addresses stay as bound)."""
+        """Swap in a new configuration (listener addresses stay as bound).
+
+        Raises:
+            ConfigError: a MITM hook of `config` does not compile (the old config stays).
+        """
+        hooks = compile_hooks(config.mitm)
+        if config.credential_broker and self.broker is None and self.ca is not None:
+            # Turned on at runtime (the pytest plugin's `credentials()`); kept once made.
+            self.broker = CredentialBroker.from_config(config)
+            self.ctx.broker, self.ctx.broker_hosts = self.broker, self.broker.is_bound
         self.state.replace(config)
+        self._interceptor.hooks = hooks
         self.ctx._origin_tls = None
+
+    def reload_from_sources(self) -> ProxyConfig:
+        """Re-read the configuration (admin ``POST /reload``, SIGHUP) and swap it in.
+
+        Uses the builder's `reloader`, else the current config's files and profile. Listener
+        addresses, the audit log, OpenTelemetry export and the admin token stay as started.
+
+        Raises:
+            NetproxyError: the new configuration is bad; the old one stays in force.
+        """
+        if self._reloader is not None:
+            config = self._reloader()
+        elif self.config.sources:
+            config = load_config(list(self.config.sources), profile=self.config.profile)
+        else:
+            raise ConfigError("nothing to reload: this proxy was not configured from files")
+        self.reload(config)
+        return config
 
     # --- running ------------------------------------------------------------------------
 
@@ -325,6 +392,10 @@ class NetworkProxy:
                 socks = await _listen(socks_host, socks_port, "SOCKS5")
                 listeners.append((socks, serve_socks_client))
             handle = ProxyHandle(self, _bound(http), _bound(socks) if socks else None)
+            if config.admin_url is not None:
+                admin, serve_admin = await self._admin_listener(config)
+                listeners.append((admin, serve_admin))
+                handle.admin_addr = _bound(admin)
             if self.ca is not None:
                 handle.ca_cert_path, handle.ca_bundle_path = self.ca.write_public_files(
                     self.home, config.upstream_ca_files
@@ -347,7 +418,26 @@ class NetworkProxy:
             for listener, _ in listeners:
                 with anyio.CancelScope(shield=True):
                     await listener.aclose()
-            self.audit.close()
+            with anyio.CancelScope(shield=True):  # lets threaded sinks drain, off the loop
+                await anyio.to_thread.run_sync(self.audit.close)
+
+    async def _admin_listener(
+        self, config: ProxyConfig
+    ) -> tuple[anyio.abc.Listener[Any], Callable[..., Any]]:
+        from .admin import AdminApi, admin_bind_addr, write_admin_token
+
+        host, port = admin_bind_addr(config)
+        listener = await _listen(host, port, "the admin API")
+        if self.admin_token is None:
+            self.admin_token = config.admin_token or secrets.token_urlsafe(32)
+        try:
+            write_admin_token(self.home, self.admin_token)
+        except OSError as exc:
+            await listener.aclose()
+            raise ConfigError(
+                f"cannot write the admin token under {self.home}: {exc.strerror}"
+            ) from None
+        return listener, AdminApi(self, self.admin_token).serve
 
     async def _accept_loop(
         self,

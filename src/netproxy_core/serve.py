@@ -72,7 +72,7 @@ async def _serve(
     config: ProxyConfig, args: argparse.Namespace, reload: Callable[[], ProxyConfig]
 ) -> int:
     home = Path(args.home) if args.home else default_home()
-    proxy = await NetworkProxy.builder().config(config).home(home).build()
+    proxy = await NetworkProxy.builder().config(config).home(home).reloader(reload).build()
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with proxy.run() as handle:
             line = ready_line(handle, getattr(proxy, "admin_token", None))
@@ -88,8 +88,8 @@ async def _serve(
                     )
                     break
                 try:
-                    proxy.reload(reload())
-                    log.info("reloaded configuration from %s", ", ".join(config.sources) or "flags")
+                    new = proxy.reload_from_sources()
+                    log.info("reloaded configuration from %s", ", ".join(new.sources) or "flags")
                 except NetproxyError as exc:
                     log.error("reload failed, keeping the previous configuration: %s", exc)
     return 0

@@ -152,6 +152,7 @@ _SIMPLE: Final[dict[str, Callable[[Any, str, _Where], Any]]] = {
     "upstream_ca_files": _str_list,
     "admin_url": _str,
     "admin_token": _str,
+    "dangerously_allow_non_loopback_admin": _bool,
     "proxy_auth_token": _str,
     "dangerously_allow_all_domains": _bool,
     "audit_log": _str,

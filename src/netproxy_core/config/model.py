@@ -143,6 +143,7 @@ class ProxyConfig:
     upstream_ca_files: tuple[str, ...] = ()
     admin_url: str | None = None
     admin_token: str | None = field(default=None, repr=False)
+    dangerously_allow_non_loopback_admin: bool = False
     proxy_auth_token: str | None = field(default=None, repr=False)
     dangerously_allow_all_domains: bool = False
     credential_providers: tuple[CredentialProvider, ...] = ()

@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 
 from ..audit import AuditBus
+from ..broker import CredentialBroker
 from ..certs import CertificateAuthority
 from ..config.model import Limits, ProxyConfig
 from ..net.resolve import Resolver
@@ -37,6 +38,7 @@ class ProxyContext:
     upstream: UpstreamProxies = field(default_factory=UpstreamProxies)
     intercept: Interceptor | None = None
     broker_hosts: Callable[[str], bool] | None = None
+    broker: CredentialBroker | None = None
     shutting_down: bool = False
     idle_waits: set[anyio.CancelScope] = field(default_factory=set)
     _origin_tls: ssl.SSLContext | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import anyio
 
@@ -23,18 +24,28 @@ from ..policy.model import (
 )
 from .context import ProxyContext
 
-__all__ = ["DECIDER_TIMEOUT", "decide", "refuse"]
+__all__ = ["DECIDER_TIMEOUT", "Check", "decide", "refuse"]
+
+# A handler-level refusal consulted inside `decide` (see its `check` argument).
+Check = Callable[[], NetworkDecision | None]
 
 DECIDER_TIMEOUT = 10.0
 log = logging.getLogger("netproxy.proxy")
 
 
-async def decide(ctx: ProxyContext, request: NetworkPolicyRequest) -> NetworkDecision:
+async def decide(
+    ctx: ProxyContext, request: NetworkPolicyRequest, *, check: Check | None = None
+) -> NetworkDecision:
     """Evaluate `request` against the live policy; audit and return the decision.
 
     The returned decision's `addresses` are what the caller must dial (empty: routed).
+
+    Args:
+        check: a handler-level refusal (MITM hooks, SPEC §7.4 step 3) run after the host rules
+            and the address re-check and before the limited-mode method guard; a decision it
+            returns is the (one, audited) outcome.
     """
-    decision, host = await _evaluate(ctx, request)
+    decision, host = await _evaluate(ctx, request, check)
     ctx.audit.record(
         dataclasses.replace(request, host=host), decision, mode=str(ctx.state.rules.mode)
     )
@@ -55,7 +66,7 @@ def refuse(
 
 
 async def _evaluate(
-    ctx: ProxyContext, request: NetworkPolicyRequest
+    ctx: ProxyContext, request: NetworkPolicyRequest, check: Check | None = None
 ) -> tuple[NetworkDecision, str]:
     rules = ctx.state.rules
     if not rules.enabled:
@@ -74,7 +85,7 @@ async def _evaluate(
         override = verdict.reason is None
     if verdict.reason is not None:
         return deny(verdict.reason), host
-    guard = check_method(rules, request.protocol, request.method)
+    guard = None if check is not None else check_method(rules, request.protocol, request.method)
     if guard is not None:
         return guard, host
     addresses = verdict.addresses
@@ -83,6 +94,10 @@ async def _evaluate(
         reason = check_answers(rules, addresses)
         if reason is not None:
             return deny(reason), host
+    if check is not None:
+        guard = check() or check_method(rules, request.protocol, request.method)
+        if guard is not None:
+            return guard, host
     if override:
         return NetworkDecision(
             Decision.ALLOW, Reason.NOT_ALLOWED, Source.DECIDER, override=True, addresses=addresses

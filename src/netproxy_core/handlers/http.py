@@ -8,6 +8,7 @@ every request must name the tunnel host and is forwarded over verified TLS (SPEC
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,7 @@ from ..errors import ClientProtocolError, UpstreamError
 from ..hosts import format_host_port
 from ..net.relay import relay
 from ..policy.blocked import render_blocked
+from ..policy.engine import deny
 from ..policy.model import NetworkDecision, NetworkPolicyRequest, Protocol, Reason, Scope, Source
 from ..proto.http_head import (
     Connect,
@@ -32,13 +34,15 @@ from ..proto.http_head import (
     authority_for,
     check_proxy_auth,
     classify,
+    head_size,
     header_value,
+    oversize_request,
     strip_hop_by_hop,
 )
 from .context import ProxyContext
-from .decide import decide, refuse
+from .decide import Check, decide, refuse
 from .origin import Origin, open_origin
-from .tunnel import TunnelTarget, run_tunnel
+from .tunnel import Established, TunnelTarget, run_tunnel
 from .unix import UNIX_SOCKET_HEADER, serve_unix_request
 
 __all__ = ["InnerTarget", "RequestHook", "serve_http_client"]
@@ -62,6 +66,9 @@ class InnerTarget:
     port: int
     client_addr: str | None
     hook: RequestHook | None = None
+    # Run inside `decide` after the local re-check, before the limited-mode method guard
+    # (SPEC §7.4 step 3): a refusal it returns is the request's one audited decision.
+    check: Callable[[h11.Request, InnerTarget], NetworkDecision | None] | None = None
 
 
 class _ClientGone(Exception):
@@ -90,6 +97,7 @@ class HttpSession:
         self._origin_conn: h11.Connection | None = None
         self._head_bytes = 0
         self._head_newline = False
+        self._line_bytes = 0  # bytes of the request line seen so far (414 detection)
 
     def __repr__(self) -> str:
         return (
@@ -113,13 +121,19 @@ class HttpSession:
             data = await self._receive()
             if self.conn.their_state is h11.IDLE:
                 self._head_bytes += len(data)
-                self._head_newline = self._head_newline or b"\n" in data
+                self._note_line(data)
             self.conn.receive_data(data)
+
+    def _note_line(self, data: bytes) -> None:
+        if not self._head_newline:
+            end = data.find(b"\n")
+            self._line_bytes += len(data) if end < 0 else end
+            self._head_newline = end >= 0
 
     async def _read_head(self, first: bool) -> h11.Event | type[h11.PAUSED] | None:
         """The next request head; None when the connection should just close."""
         ctx, limits = self.ctx, self.ctx.limits
-        self._head_bytes, self._head_newline = 0, False
+        self._head_bytes, self._head_newline, self._line_bytes = 0, False, 0
         event = self.conn.next_event()
         if event is not h11.NEED_DATA:
             return event  # type: ignore[return-value]
@@ -133,7 +147,8 @@ class HttpSession:
                 ctx.idle_waits.discard(idle)
         if data is None:
             return None
-        self._head_bytes, self._head_newline = len(data), b"\n" in data
+        self._head_bytes = len(data)
+        self._note_line(data)
         self.conn.receive_data(data)
         with anyio.fail_after(limits.handshake_timeout):
             return await self._next_event()
@@ -152,11 +167,19 @@ class HttpSession:
                     return
                 except h11.RemoteProtocolError as exc:
                     status = exc.error_status_hint
-                    if status == 431 and not self._head_newline:
+                    if self._line_bytes > self.ctx.limits.max_header_bytes or (
+                        status == 431 and not self._head_newline
+                    ):
                         status = 414
                     await self._send_simple(status, _protocol_error_text(status, exc))
                     return
                 if not isinstance(event, h11.Request):
+                    return
+                oversize = oversize_request(
+                    event.method, event.target, event.headers, self.ctx.limits.max_header_bytes
+                )
+                if oversize is not None:
+                    await self._send_simple(oversize, _protocol_error_text(oversize, None))
                     return
                 if not await self._handle(event):
                     return
@@ -263,17 +286,27 @@ class HttpSession:
         protocol = Protocol.HTTPS if self.inner is not None else Protocol.HTTP
         upgrade = header_value(headers, b"upgrade") is not None
         req = self._policy_request(protocol, target.host, target.port, method)
-        decision = await decide(ctx, req)
+        check: Check | None = None
+        if self.inner is not None and self.inner.check is not None:
+            check = functools.partial(self.inner.check, request, self.inner)
+        elif self.inner is None and _hooked(ctx, target.host):
+            check = _mitm_required
+        decision = await decide(ctx, req, check=check)
         if decision.allowed and upgrade and ctx.config.mode is Mode.LIMITED:
             decision = refuse(ctx, req, Reason.METHOD_NOT_ALLOWED)
-        if decision.allowed and self.inner is None and _hooked(ctx, target.host):
-            decision = refuse(ctx, req, Reason.MITM_REQUIRED)
         if decision.allowed and self.inner is not None and self.inner.hook is not None:
             outcome = await self.inner.hook(request, self.inner)
             if isinstance(outcome, NetworkDecision):
                 decision = outcome
             else:
                 headers = outcome
+        if (
+            decision.allowed
+            and self.inner is None
+            and ctx.broker is not None
+            and ctx.config.dangerously_allow_plaintext_credential_injection
+        ):
+            headers = ctx.broker.swap(headers, target.host)
         if not decision.allowed:
             blocked = render_blocked(
                 decision, host=target.host, port=target.port, protocol=str(protocol), method=method
@@ -414,6 +447,10 @@ class HttpSession:
     ) -> h11.Event:
         while True:
             event = client.next_event()
+            if isinstance(event, (h11.Response, h11.InformationalResponse)):
+                limit = self.ctx.limits.max_header_bytes
+                if head_size(len(event.reason) + 13, event.headers) > limit:
+                    raise UpstreamError(f"response head larger than {limit} bytes")
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
             with anyio.fail_after(self.ctx.limits.idle_timeout):
@@ -454,7 +491,7 @@ class HttpSession:
             return
         leftover, _ = self.conn.trailing_data
 
-        async def reply(outcome: UpstreamError | NetworkDecision | None) -> None:
+        async def reply(outcome: Established | UpstreamError | NetworkDecision) -> None:
             if isinstance(outcome, UpstreamError):
                 await self._upstream_failed(outcome)
             elif isinstance(outcome, NetworkDecision):
@@ -531,7 +568,8 @@ class HttpSession:
                 event = await self._next_event()
                 if isinstance(event, h11.Data):
                     seen += len(event.data)
-                return bool(isinstance(event, h11.EndOfMessage))
+                    continue
+                return isinstance(event, h11.EndOfMessage)
         return False
 
 
@@ -570,7 +608,12 @@ def _hooked(ctx: ProxyContext, host: str) -> bool:
     return any(h.host == host for h in ctx.config.mitm.hooks)
 
 
-def _protocol_error_text(status: int, exc: Exception) -> str:
+def _mitm_required() -> NetworkDecision:
+    """Plain HTTP to a host with MITM hooks (SPEC §7.5)."""
+    return deny(Reason.MITM_REQUIRED, Source.MODE_GUARD, Scope.NON_DOMAIN)
+
+
+def _protocol_error_text(status: int, exc: Exception | None) -> str:
     if status == 414:
         return "request line too long"
     if status == 431:

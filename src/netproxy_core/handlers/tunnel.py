@@ -8,6 +8,7 @@ before the client is answered, so a dead upstream gets its 502/504 (or SOCKS err
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -25,15 +26,25 @@ from .context import ProxyContext
 from .decide import refuse
 from .origin import open_origin
 
-__all__ = ["TunnelTarget", "interception_required", "run_tunnel"]
+__all__ = ["Established", "Reply", "TunnelTarget", "interception_required", "run_tunnel"]
 
 log = logging.getLogger("netproxy.proxy")
 
 FIRST_BYTE_WAIT = 0.25
 MAX_HELLO = 128 * 1024
 
-# `reply(None)` = success; an UpstreamError = dial failed; a NetworkDecision = refused.
-Reply = Callable[[UpstreamError | NetworkDecision | None], Awaitable[None]]
+
+@dataclass(frozen=True, slots=True)
+class Established:
+    """The tunnel is open. `local_addr`: our end of the dialled upstream connection (SOCKS
+    reports it as BND.ADDR); None when the tunnel is intercepted and dialled per request."""
+
+    local_addr: tuple[str, int] | None = None
+
+
+# How a listener answers its client: Established, an UpstreamError (dial failed, 502/504 or a
+# SOCKS error code) or a NetworkDecision (refused).
+Reply = Callable[[Established | UpstreamError | NetworkDecision], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +89,10 @@ async def run_tunnel(
         if ctx.intercept is None and interception_required(ctx, target.host):
             await reply(refuse(ctx, target.request(), Reason.MITM_REQUIRED))
             return
-        await reply(None)
-        kind, sni_ok = await _inspect(ctx, replay, target)
+        await reply(Established())
+        kind, sni_ok = await _inspect(
+            ctx, replay, target, first_byte_wait=_first_byte_wait(ctx, target)
+        )
         if not sni_ok:
             return
         if kind is FirstBytes.TLS and ctx.intercept is not None:
@@ -96,7 +109,12 @@ async def run_tunnel(
         except UpstreamError as exc:
             log.info("tunnel to %s:%s failed after answering: %s", target.host, target.port, exc)
             return
-        await relay(replay, origin.stream, idle_timeout=ctx.limits.idle_timeout)
+        await relay(
+            replay,
+            origin.stream,
+            idle_timeout=ctx.limits.idle_timeout,
+            before_forward=_sni_gate(ctx, replay, target) if kind is not FirstBytes.TLS else None,
+        )
     finally:
         with anyio.CancelScope(shield=True):
             await replay.aclose()
@@ -115,22 +133,64 @@ async def _opaque(
         await reply(exc)
         return
     try:
-        await reply(None)
-        _kind, sni_ok = await _inspect(ctx, replay, target)
-        if sni_ok:
-            await relay(replay, origin.stream, idle_timeout=ctx.limits.idle_timeout)
+        await reply(Established(_local_address(origin.stream)))
+        # Server-first protocols get their bytes at once; the client's first bytes are
+        # inspected whenever they come (a late ClientHello must not skip the SNI check).
+        await relay(
+            replay,
+            origin.stream,
+            idle_timeout=ctx.limits.idle_timeout,
+            before_forward=_sni_gate(ctx, replay, target),
+        )
     finally:
         with anyio.CancelScope(shield=True):
             await origin.stream.aclose()
 
 
-async def _inspect(
+def _sni_gate(
     ctx: ProxyContext, replay: ReplayStream, target: TunnelTarget
+) -> Callable[[], Awaitable[bool]]:
+    async def gate() -> bool:
+        _kind, sni_ok = await _inspect(ctx, replay, target, first_byte_wait=None)
+        return sni_ok
+
+    return gate
+
+
+def _local_address(stream: anyio.abc.ByteStream) -> tuple[str, int] | None:
+    try:
+        address = stream.extra(anyio.abc.SocketAttribute.local_address)
+    except anyio.TypedAttributeLookupError:
+        return None
+    return (str(address[0]), int(address[1])) if isinstance(address, tuple) else None
+
+
+def _first_byte_wait(ctx: ProxyContext, target: TunnelTarget) -> float:
+    """How long an intercepting tunnel waits for the client's first byte.
+
+    250 ms lets server-first protocols (SSH) fall back to an opaque tunnel quickly. When the
+    tunnel must be intercepted anyway, or it goes to port 443 where a ClientHello is what
+    clients send, a slow client (a loaded CI machine) must not silently lose interception, so
+    the wait is the whole handshake timeout.
+    """
+    if interception_required(ctx, target.host) or target.port == 443:
+        return ctx.limits.handshake_timeout
+    return FIRST_BYTE_WAIT
+
+
+async def _inspect(
+    ctx: ProxyContext,
+    replay: ReplayStream,
+    target: TunnelTarget,
+    *,
+    first_byte_wait: float | None = FIRST_BYTE_WAIT,
 ) -> tuple[FirstBytes, bool]:
-    """Peek the first bytes; returns their kind and whether the SNI (if any) is acceptable."""
-    data = await peek(
-        replay, 3, first_byte_timeout=FIRST_BYTE_WAIT, total_timeout=ctx.limits.handshake_timeout
-    )
+    """Peek the first bytes; returns their kind and whether the SNI (if any) is acceptable.
+
+    `first_byte_wait` None: wait for the first bytes as long as the tunnel lives.
+    """
+    total = ctx.limits.handshake_timeout if first_byte_wait is not None else math.inf
+    data = await peek(replay, 3, first_byte_timeout=first_byte_wait, total_timeout=total)
     kind = classify_first_bytes(data)
     if kind is not FirstBytes.TLS:
         return (FirstBytes.OTHER if data else FirstBytes.NEED_MORE), True

@@ -7,6 +7,7 @@ a long download with a silent upload is not idle.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.abc
@@ -18,10 +19,17 @@ _CLOSED = (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError)
 
 
 async def relay(
-    a: anyio.abc.ByteStream, b: anyio.abc.ByteStream, *, idle_timeout: float
+    a: anyio.abc.ByteStream,
+    b: anyio.abc.ByteStream,
+    *,
+    idle_timeout: float,
+    before_forward: Callable[[], Awaitable[bool]] | None = None,
 ) -> tuple[int, int]:
     """Copy a→b and b→a until both directions end, one breaks, or nothing moves for
     `idle_timeout` seconds. Both streams are closed on return.
+
+    `before_forward` runs in the a→b direction before its first byte is copied (b→a flows
+    meanwhile); returning False ends the relay.
 
     Returns:
         bytes copied (a→b, b→a).
@@ -32,6 +40,9 @@ async def relay(
 
     async def pump(src: anyio.abc.ByteStream, dst: anyio.abc.ByteStream, index: int) -> None:
         nonlocal last, finished
+        if index == 0 and before_forward is not None and not await before_forward():
+            tg.cancel_scope.cancel()
+            return
         try:
             while True:
                 data = await src.receive(CHUNK)

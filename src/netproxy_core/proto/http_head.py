@@ -25,7 +25,9 @@ __all__ = [
     "Reject",
     "check_proxy_auth",
     "classify",
+    "head_size",
     "header_value",
+    "oversize_request",
     "strip_hop_by_hop",
 ]
 
@@ -218,3 +220,22 @@ def authority_for(host: str, port: int, scheme: str) -> bytes:
     if DEFAULT_PORTS.get(scheme) == port:
         return (f"[{host}]" if ":" in host else host).encode("ascii")
     return format_host_port(host, port).encode("ascii")
+
+
+def head_size(line: int, headers: Headers) -> int:
+    """Bytes of a message head: a start line of `line` bytes plus ``name: value\\r\\n`` each."""
+    return line + 2 + sum(len(n) + len(v) + 4 for n, v in headers) + 2
+
+
+def oversize_request(method: bytes, target: bytes, headers: Headers, limit: int) -> int | None:
+    """414 / 431 when a parsed request head exceeds `limit` bytes (SPEC §5.9, §15), else None.
+
+    h11 only bounds *incomplete* heads, so a head that arrives whole in one read is checked
+    here after parsing.
+    """
+    line = len(method) + 1 + len(target) + len(b" HTTP/1.1")
+    if line > limit:
+        return 414
+    if head_size(line, headers) > limit:
+        return 431
+    return None
