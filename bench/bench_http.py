@@ -33,6 +33,7 @@ HOST = "bench.example.test"
 
 # --- origin (own process) --------------------------------------------------------------------
 
+
 async def _origin_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         while True:
@@ -65,8 +66,10 @@ def _run_origin(port_queue: multiprocessing.Queue[int]) -> None:
 
 # --- load generator (own process) ------------------------------------------------------------
 
-async def _client(request: bytes, deadline: float, counts: list[int], new_conn: bool,
-                  addr: tuple[str, int]) -> None:
+
+async def _client(
+    request: bytes, deadline: float, counts: list[int], new_conn: bool, addr: tuple[str, int]
+) -> None:
     reader = writer = None
     while time.monotonic() < deadline:
         if reader is None or writer is None:
@@ -83,23 +86,33 @@ async def _client(request: bytes, deadline: float, counts: list[int], new_conn: 
         writer.close()
 
 
-def _run_load(addr: tuple[str, int], request: bytes, seconds: float, concurrency: int,
-              new_conn: bool, out: multiprocessing.Queue[float]) -> None:
+def _run_load(
+    addr: tuple[str, int],
+    request: bytes,
+    seconds: float,
+    concurrency: int,
+    new_conn: bool,
+    out: multiprocessing.Queue[float],
+) -> None:
     async def main() -> float:
         counts = [0]
         deadline = time.monotonic() + seconds
         start = time.monotonic()
-        await asyncio.gather(*(_client(request, deadline, counts, new_conn, addr)
-                               for _ in range(concurrency)))
+        await asyncio.gather(
+            *(_client(request, deadline, counts, new_conn, addr) for _ in range(concurrency))
+        )
         return counts[0] / (time.monotonic() - start)
 
     out.put(asyncio.run(main()))
 
 
-def measure_rps(addr: tuple[str, int], request: bytes, seconds: float, concurrency: int,
-                new_conn: bool) -> float:
+def measure_rps(
+    addr: tuple[str, int], request: bytes, seconds: float, concurrency: int, new_conn: bool
+) -> float:
     out: multiprocessing.Queue[float] = multiprocessing.Queue()
-    p = multiprocessing.Process(target=_run_load, args=(addr, request, seconds, concurrency, new_conn, out))
+    p = multiprocessing.Process(
+        target=_run_load, args=(addr, request, seconds, concurrency, new_conn, out)
+    )
     p.start()
     value = out.get(timeout=seconds + 60)
     p.join()
@@ -108,12 +121,15 @@ def measure_rps(addr: tuple[str, int], request: bytes, seconds: float, concurren
 
 # --- CONNECT throughput ----------------------------------------------------------------------
 
+
 def download(addr: tuple[str, int], mib: int, via_connect: tuple[str, int] | None) -> float:
     """MB/s for one GET /bytes/N, directly or inside a CONNECT tunnel."""
     n = mib << 20
     with socket.create_connection(addr if via_connect is None else via_connect) as s:
         if via_connect is not None:
-            s.sendall(f"CONNECT {HOST}:{addr[1]} HTTP/1.1\r\nHost: {HOST}:{addr[1]}\r\n\r\n".encode())
+            s.sendall(
+                f"CONNECT {HOST}:{addr[1]} HTTP/1.1\r\nHost: {HOST}:{addr[1]}\r\n\r\n".encode()
+            )
             reply = b""
             while b"\r\n\r\n" not in reply:
                 reply += s.recv(4096)
@@ -134,10 +150,25 @@ def download(addr: tuple[str, int], mib: int, via_connect: tuple[str, int] | Non
 
 # --- proxy (own process) ---------------------------------------------------------------------
 
+
 def start_proxy(origin_port: int, home: Path) -> tuple[subprocess.Popen[str], tuple[str, int]]:
-    cmd = [sys.executable, "-m", "netproxy_core", "serve", "--http-addr", "127.0.0.1:0", "--no-socks5",
-           "--allow", HOST, "--route", f"{HOST}={'127.0.0.1'}:{origin_port}", "--home", str(home),
-           "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "netproxy_core",
+        "serve",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--no-socks5",
+        "--allow",
+        HOST,
+        "--route",
+        f"{HOST}={'127.0.0.1'}:{origin_port}",
+        "--home",
+        str(home),
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     ready = json.loads(proc.stdout.readline())
@@ -167,7 +198,9 @@ def main() -> None:
         for c in (int(x) for x in args.concurrency.split(",")):
             for new_conn in (False, True):
                 kind = "new-conn" if new_conn else "keep-alive"
-                direct = measure_rps(("127.0.0.1", origin_port), direct_req, args.seconds, c, new_conn)
+                direct = measure_rps(
+                    ("127.0.0.1", origin_port), direct_req, args.seconds, c, new_conn
+                )
                 proxied = measure_rps(proxy_addr, proxied_req, args.seconds, c, new_conn)
                 results[f"http_{kind}_c{c}_direct"] = direct
                 results[f"http_{kind}_c{c}_netproxy"] = proxied

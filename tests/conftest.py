@@ -15,10 +15,9 @@ from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers.origins import Origin, run_origin, write_ca  # noqa: E402
-
-from netproxy_core import BackgroundProxy, ProxyConfig  # noqa: E402
-from netproxy_core.config.model import Access, Mode  # noqa: E402
+from helpers.origins import Origin, run_origin, write_ca
+from netproxy_core import BackgroundProxy, ProxyConfig
+from netproxy_core.config.model import Access, Mode
 
 settings.register_profile("ci", max_examples=150, deadline=None)
 settings.register_profile("deep", max_examples=20_000, deadline=None)
@@ -60,18 +59,32 @@ def start_proxy(tmp_path: Path, origin_ca_file: Path) -> ProxyFactory:
     """
 
     @contextmanager
-    def factory(*, allow: tuple[str, ...] | list[str] = (), deny: tuple[str, ...] | list[str] = (),
-                routes: dict[str, str] | None = None, mode: str = "full",
-                upstream_env: dict[str, str] | None = None, decider: Any = None,
-                **config: Any) -> Iterator[BackgroundProxy]:
+    def factory(
+        *,
+        allow: tuple[str, ...] | list[str] = (),
+        deny: tuple[str, ...] | list[str] = (),
+        routes: dict[str, str] | None = None,
+        mode: str = "full",
+        upstream_env: dict[str, str] | None = None,
+        decider: Any = None,
+        **config: Any,
+    ) -> Iterator[BackgroundProxy]:
         domains = tuple((p, Access.ALLOW) for p in allow) + tuple((p, Access.DENY) for p in deny)
         cfg = ProxyConfig(
-            proxy_url="127.0.0.1:0", socks_url="127.0.0.1:0", domains=domains, mode=Mode(mode),
+            proxy_url="127.0.0.1:0",
+            socks_url="127.0.0.1:0",
+            domains=domains,
+            mode=Mode(mode),
             routes=tuple((routes or {}).items()),
-            upstream_ca_files=(str(origin_ca_file),), **config,
+            upstream_ca_files=(str(origin_ca_file),),
+            **config,
         )
-        with BackgroundProxy(cfg, home=tmp_path / "home", decider=decider,
-                             upstream_env=upstream_env if upstream_env is not None else {}) as proxy:
+        with BackgroundProxy(
+            cfg,
+            home=tmp_path / "home",
+            decider=decider,
+            upstream_env=upstream_env if upstream_env is not None else {},
+        ) as proxy:
             yield proxy
 
     return factory

@@ -7,6 +7,7 @@ from .child_env import child_env, strip_managed_env
 from .config.loader import load_config
 from .config.model import Mode, ProxyConfig
 from .errors import ClientProtocolError, ConfigError, InvalidHost, NetproxyError, UpstreamError
+from .hosts import canonicalize_host
 from .policy.model import Decision, NetworkDecision, NetworkPolicyRequest, Protocol, Reason, Source
 from .proxy import NetworkProxy, ProxyHandle
 
@@ -33,6 +34,7 @@ __all__ = [
     "Source",
     "UpstreamError",
     "__version__",
+    "canonicalize_host",
     "child_env",
     "load_config",
     "strip_managed_env",

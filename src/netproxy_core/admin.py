@@ -98,7 +98,7 @@ def write_admin_token(home: Path, token: str) -> Path:
     directory = home / "proxy"
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = directory / "admin-token"
-    tmp = directory / f".admin-token.{os.getpid()}.tmp"
+    tmp = directory / f".admin-token.{secrets.token_hex(8)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)

@@ -238,7 +238,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if not config.enabled:
         print(
-            f"{PROG}: the proxy is disabled (enabled = false in profile {config.profile}); nothing to serve",
+            f"{PROG}: the proxy is disabled (enabled = false in profile {config.profile}); "
+            "nothing to serve",
             file=sys.stderr,
         )
         return 0

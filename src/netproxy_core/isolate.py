@@ -278,6 +278,8 @@ class IsolatedPopen(subprocess.Popen[Any]):
         lifeline, self._lifeline = self._lifeline, None
         if lifeline is None:
             return
+        with contextlib.suppress(OSError):
+            lifeline.sendall(isolate_bridge.BYE)
         lifeline.close()  # the bridge ends its namespace on EOF
         if self.returncode is None:
             with contextlib.suppress(subprocess.TimeoutExpired):

@@ -10,7 +10,8 @@ SOCKET … -- CMD…``. The bridge:
 3. starts CMD (killed if the bridge dies), reports ``ready PID`` on the status socket and waits;
 4. forwards SIGINT/SIGTERM/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 to CMD;
 5. when CMD ends, or when the status socket reaches EOF (the parent went away), kills whatever
-   is still running in the namespace and exits with CMD's status (re-raising a fatal signal).
+   is still running in the namespace and exits with CMD's status (re-raising a fatal signal);
+   a parent that died without saying ``bye`` first gets its relay directory removed.
 
 Status lines: ``ready PID`` | ``error MESSAGE`` (no namespace) | ``spawn-error ERRNO MESSAGE``.
 It imports nothing from netproxy so that it starts fast; `Forwarder` is shared with the parent.
@@ -36,9 +37,10 @@ import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 
-__all__ = ["MARKER", "Forwarder", "kill_netns", "main", "netns_of"]
+__all__ = ["BYE", "MARKER", "Forwarder", "kill_netns", "main", "netns_of"]
 
 MARKER = "--netproxy-isolate-bridge"
+BYE = b"bye\n"  # the parent's last word on the status socket: it cleans up itself
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
@@ -332,7 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     forwarders = [Forwarder(sock, _unix_connector(path)).start() for sock, path in listeners]
     _forward_signals(child)
     netns = netns_of("self")
-    threading.Thread(target=_lifeline, args=(status, child, netns), daemon=True).start()
+    sockets = [path for _, _, path in args.forward]
+    lifeline = threading.Thread(target=_lifeline, args=(status, child, netns, sockets), daemon=True)
+    lifeline.start()
     report(f"ready {child.pid}")
     returncode = child.wait()
     if netns is not None:
@@ -344,15 +348,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _lifeline(status: socket.socket, child: subprocess.Popen[bytes],
-              netns: tuple[int, int] | None) -> None:  # fmt: skip
-    """The parent closed its end (or died): end everything in the namespace."""
+              netns: tuple[int, int] | None, sockets: list[str]) -> None:  # fmt: skip
+    """The parent closed its end (or died): end everything in the namespace.
+
+    A parent that says ``bye`` first removes its relay directory itself; one that died
+    without a word could not, so the bridge does it.
+    """
+    said = b""
     with contextlib.suppress(OSError):
-        while status.recv(256):
-            pass
+        while data := status.recv(256):
+            said = (said + data)[-16:]
     with contextlib.suppress(OSError):
         child.kill()
     if netns is not None:
         kill_netns(netns, exclude=os.getpid())
+    if BYE not in said:
+        for path in sockets:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        for directory in {os.path.dirname(p) for p in sockets}:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
 
 
 def _forward_signals(child: subprocess.Popen[bytes]) -> None:

@@ -222,6 +222,7 @@ def compile_pattern(text: str) -> Pattern:
 def _glob(raw: str, body: str) -> Pattern:
     if body.removesuffix(".") in ("*", "**.*"):  # `*:443`, `**.*.`: the global wildcard with noise
         return Pattern(raw, PatternKind.GLOBAL, "*")
+    globs: tuple[tuple[str, ...], ...]
     if body.startswith("**."):  # `**.x?` ≡ `x?` or `*.x?`
         apex, sub = _glob_body(raw, body[3:]), _glob_body(raw, "*." + body[3:])
         value, globs = f"**.{apex[0]}", (apex[1], sub[1])

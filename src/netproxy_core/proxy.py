@@ -318,6 +318,10 @@ class NetworkProxy:
     def blocked(self) -> list[BlockedRecord]:
         return self.audit.blocked()
 
+    def clear_records(self) -> None:
+        """Forget recorded events and blocked records (the blocked total is kept)."""
+        self.audit.clear()
+
     def reload(self, config: ProxyConfig) -> None:
         """Swap in a new configuration (listener addresses stay as bound).
 

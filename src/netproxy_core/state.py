@@ -1,8 +1,11 @@
 """Live policy state: the config in force and its compiled rules (SPEC §2.1 runtime layer).
 
-The only mutable shared state of a proxy. Changes (`allow`, `deny`, `set_mode`, `reload`)
-build a new validated `ProxyConfig`, compile it, and swap both in one assignment, so a
-request always sees one consistent rule set.
+The only mutable shared state of a proxy. The configuration in force is the loaded (base)
+configuration with the runtime layer on top — `allow`, `deny`, `set_mode`, `set_enabled`
+(the library API and the admin API) — so a reload of the files keeps runtime changes, which
+sit highest in the SPEC §2.1 precedence. Every change builds a new validated `ProxyConfig`,
+compiles it, and swaps both in one assignment, so a request always sees one consistent rule
+set.
 """
 
 from __future__ import annotations
@@ -23,13 +26,17 @@ log = logging.getLogger("netproxy.proxy")
 
 
 class RuntimeState:
-    """Holds (`config`, `rules`) and applies runtime changes atomically."""
+    """Holds (`config`, `rules`) = base config + runtime layer, swapped atomically."""
 
-    __slots__ = ("_lock", "_pair")
+    __slots__ = ("_base", "_domains", "_enabled", "_lock", "_mode", "_pair")
 
     def __init__(self, config: ProxyConfig) -> None:
-        self._pair = (config, Rules.from_config(config))
         self._lock = threading.Lock()
+        self._base = config
+        self._domains: list[tuple[str, Access]] = []
+        self._mode: Mode | None = None
+        self._enabled: bool | None = None
+        self._pair = (config, Rules.from_config(config))
 
     def __repr__(self) -> str:
         config = self.config
@@ -47,10 +54,9 @@ class RuntimeState:
         return self._pair[1]
 
     def replace(self, config: ProxyConfig) -> None:
-        """Swap in a whole new configuration (reload)."""
-        rules = Rules.from_config(config)
+        """Swap in a new base configuration (reload); the runtime layer stays on top."""
         with self._lock:
-            self._pair = (config, rules)
+            self._swap(config, self._domains, self._mode, self._enabled)
 
     def allow(self, *patterns: str) -> None:
         self._upsert(patterns, Access.ALLOW)
@@ -66,32 +72,48 @@ class RuntimeState:
                 f'mode must be "full" or "limited", not {mode!r}', key="mode"
             ) from None
         with self._lock:
-            config = self._pair[0].with_changes(mode=value)
-            self._pair = (config, Rules.from_config(config))
+            self._swap(self._base, self._domains, value, self._enabled)
         log.info("network mode set to %s", value)
 
     def set_enabled(self, enabled: bool) -> None:
         with self._lock:
-            config = self._pair[0].with_changes(enabled=enabled)
-            self._pair = (config, Rules.from_config(config))
+            self._swap(self._base, self._domains, self._mode, enabled)
 
     def _upsert(self, patterns: Iterable[str], access: Access) -> None:
-        for pattern in patterns:
+        entries = [(p.strip(), access) for p in patterns]
+        for pattern, _ in entries:
             compile_pattern(pattern)  # raises ConfigError naming the entry
         with self._lock:
-            config = self._pair[0]
-            domains = list(config.domains)
-            for pattern in patterns:
-                key = _normal(pattern)
-                domains = [(p, a) for p, a in domains if _normal(p) != key]
-                domains.append((pattern.strip(), access))
-            config = config.with_changes(domains=tuple(domains))
-            self._pair = (config, Rules.from_config(config))
+            self._swap(self._base, [*self._domains, *entries], self._mode, self._enabled)
+
+    def _swap(
+        self,
+        base: ProxyConfig,
+        domains: list[tuple[str, Access]],
+        mode: Mode | None,
+        enabled: bool | None,
+    ) -> None:
+        """Validate base + runtime layer, then commit all of it (or nothing)."""
+        merged = list(base.domains)
+        for pattern, access in domains:
+            key = _normal(pattern)
+            merged = [(p, a) for p, a in merged if _normal(p) != key]
+            merged.append((pattern, access))
+        changes: dict[str, object] = {"domains": tuple(merged)}
+        if mode is not None:
+            changes["mode"] = mode
+        if enabled is not None:
+            changes["enabled"] = enabled
+        config = base.with_changes(**changes)
+        self._pair = (config, Rules.from_config(config))
+        self._base, self._domains, self._mode, self._enabled = base, domains, mode, enabled
 
 
 def _normal(pattern: str) -> str:
     text = pattern.strip()
+    if "*" in text or "?" in text:
+        return text.lower()
     try:
-        return canonicalize_host(text) if "*" not in text and "?" not in text else text.lower()
+        return canonicalize_host(text)
     except InvalidHost:
         return text.lower()

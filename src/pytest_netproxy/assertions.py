@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from netproxy_core import PolicyDecisionEvent, ProxyConfig, Reason
+from netproxy_core import InvalidHost, PolicyDecisionEvent, ProxyConfig, Reason, canonicalize_host
 
 __all__ = [
     "Expectation",
@@ -37,14 +37,15 @@ class Expectation:
 
 
 def normalize_host(host: str) -> str:
-    """The form hosts take in events: lower case, no trailing dot, no IPv6 brackets,
-    IDNA A-labels."""
-    text = host.strip().rstrip(".").lower()
-    if text.startswith("[") and text.endswith("]"):
-        return text[1:-1]
-    if ":" in text or text.isascii():
-        return text
-    return text.encode("idna").decode("ascii")
+    """The form hosts take in events: the engine's one canonicaliser (SPEC §3.1).
+
+    A host that is not valid stays as written (events of reason `invalid_host` carry the
+    host as received).
+    """
+    try:
+        return canonicalize_host(host)
+    except InvalidHost:
+        return host.strip()
 
 
 def _reason(reason: str | Reason | None) -> str | None:

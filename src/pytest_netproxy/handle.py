@@ -27,6 +27,7 @@ from netproxy_core import (
     strip_managed_env,
 )
 from netproxy_core.config.model import Mode
+from netproxy_core.isolate import Isolation, check_isolation
 
 from . import assertions
 from .assertions import Expectation, normalize_host
@@ -64,6 +65,7 @@ class NetproxyHandle:
         self._children: list[subprocess.Popen[Any]] = []
         self._expected: list[Expectation] = []
         self._credentials: dict[str, str] = {}
+        self._isolation: Isolation | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -115,22 +117,51 @@ class NetproxyHandle:
             allow_local_binding=self.config.allow_local_binding,
         )
 
-    def run(self, args: Sequence[str] | str, **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+    def run(
+        self, args: Sequence[str] | str, *, isolate: bool = False, **kwargs: Any
+    ) -> subprocess.CompletedProcess[Any]:
         """`subprocess.run` with `env()`, captured text output and a 60 s timeout (each
-        overridable by keyword)."""
+        overridable by keyword).
+
+        ``isolate=True`` (Linux): the child's only way out is this proxy (docs/isolation.md);
+        raises `IsolationUnavailable` when namespaces cannot be created, never runs unisolated.
+        """
         kwargs.setdefault("env", self.env())
         if "stdout" not in kwargs and "stderr" not in kwargs:
             kwargs.setdefault("capture_output", True)
         kwargs.setdefault("text", True)
         kwargs.setdefault("timeout", _RUN_TIMEOUT)
+        if isolate:
+            return self._isolated().run(args, check=False, **kwargs)
         return subprocess.run(args, check=False, **kwargs)
 
-    def popen(self, args: Sequence[str] | str, **kwargs: Any) -> subprocess.Popen[Any]:
-        """`subprocess.Popen` with `env()`; a child still running at teardown is killed."""
+    def popen(
+        self, args: Sequence[str] | str, *, isolate: bool = False, **kwargs: Any
+    ) -> subprocess.Popen[Any]:
+        """`subprocess.Popen` with `env()`; a child still running at teardown is killed.
+
+        ``isolate=True``: as for `run`; the result is an `IsolatedPopen` (``child_pid`` is
+        the command's pid, ``pid`` the namespace bridge's).
+        """
         kwargs.setdefault("env", self.env())
-        child: subprocess.Popen[Any] = subprocess.Popen(args, **kwargs)
+        child: subprocess.Popen[Any]
+        if isolate:
+            child = self._isolated().popen(args, **kwargs)
+        else:
+            child = subprocess.Popen(args, **kwargs)
         self._children.append(child)
         return child
+
+    def _isolated(self) -> Isolation:
+        """This proxy's `Isolation` (relays opened on first use, closed with the handle)."""
+        if self._isolation is None:
+            check_isolation()
+            handle = self.proxy.handle
+            if handle is None:
+                raise RuntimeError("the proxy is not running (the test's fixture was torn down)")
+            isolation = Isolation(http_addr=handle.http_addr, socks_addr=handle.socks_addr)
+            self._isolation = isolation.__enter__()
+        return self._isolation
 
     # --- runtime policy -----------------------------------------------------------------
 
@@ -195,7 +226,7 @@ class NetproxyHandle:
 
     def clear(self) -> None:
         """Forget the decisions and blocked records recorded so far."""
-        self._engine().audit.clear()
+        self._engine().clear_records()
 
     # --- assertions ---------------------------------------------------------------------
 
@@ -250,6 +281,8 @@ class NetproxyHandle:
         try:
             for child in self._children:
                 _reap(child)
+            if self._isolation is not None:
+                self._isolation.close()
             for fake in self._fakes:
                 self.proxy.call(fake.stop)
         finally:

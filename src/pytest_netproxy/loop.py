@@ -9,8 +9,11 @@ loop still share nothing but the loop (SPEC §13: two proxies never see each oth
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -29,18 +32,37 @@ from netproxy_core.config.model import Mode
 __all__ = ["LoopProxy", "WorkerLoop"]
 
 T = TypeVar("T")
+_EXECUTOR_THREADS = 4
 Sink = Callable[[PolicyDecisionEvent], None]
 
 
 class WorkerLoop:
-    """The event-loop thread shared by this process's proxies; `close()` joins it."""
+    """The event-loop thread shared by this process's proxies; `close()` joins it.
+
+    The loop's default executor (``getaddrinfo`` and other blocking calls) is a fixed pool
+    whose threads all start here: asyncio's own pool starts threads lazily, so one would
+    otherwise appear in the middle of some test and look like a leak.
+    """
 
     def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(_EXECUTOR_THREADS, thread_name_prefix="netproxy-loop")
+        barrier = threading.Barrier(_EXECUTOR_THREADS + 1)
+        for _ in range(_EXECUTOR_THREADS):
+            self._executor.submit(barrier.wait)
+        barrier.wait()  # every pool thread is now running
         self._stack = contextlib.ExitStack()
         self.portal: BlockingPortal = self._stack.enter_context(start_blocking_portal())
 
+        async def install() -> None:
+            asyncio.get_running_loop().set_default_executor(self._executor)
+
+        self.portal.call(install)
+
     def close(self) -> None:
-        self._stack.close()
+        try:
+            self._stack.close()
+        finally:
+            self._executor.shutdown(wait=True)
 
     def start(
         self,

@@ -20,8 +20,15 @@ from pathlib import Path
 
 import trustme
 
-PUBLIC_NAMES = ("api.example.test", "www.example.test", "origin.example.test", "api.github.com",
-                "uploads.github.com", "api.openai.com", "other.example.test")
+PUBLIC_NAMES = (
+    "api.example.test",
+    "www.example.test",
+    "origin.example.test",
+    "api.github.com",
+    "uploads.github.com",
+    "api.openai.com",
+    "other.example.test",
+)
 
 
 @dataclass
@@ -72,8 +79,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         body = self._body()
-        rec = Recorded(self.command, self.path, {k.lower(): v for k, v in self.headers.items()},
-                       list(self.headers.items()), body)
+        rec = Recorded(
+            self.command,
+            self.path,
+            {k.lower(): v for k, v in self.headers.items()},
+            list(self.headers.items()),
+            body,
+        )
         self.origin.requests.append(rec)
         path = self.path.split("?")[0]
         if path == "/drop":
@@ -108,9 +120,15 @@ class _Handler(BaseHTTPRequestHandler):
                 n -= len(part)
             self.wfile.write(b"0\r\n\r\n")
             return
-        payload = json.dumps({"method": self.command, "path": self.path,
-                              "headers": rec.headers, "body_len": len(body),
-                              "tls": self.origin.tls}).encode()
+        payload = json.dumps(
+            {
+                "method": self.command,
+                "path": self.path,
+                "headers": rec.headers,
+                "body_len": len(body),
+                "tls": self.origin.tls,
+            }
+        ).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(payload)))
@@ -122,20 +140,25 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def run_origin(ca: trustme.CA | None = None, names: tuple[str, ...] = PUBLIC_NAMES,
-               host: str = "127.0.0.1") -> Iterator[Origin]:
+def run_origin(
+    ca: trustme.CA | None = None, names: tuple[str, ...] = PUBLIC_NAMES, host: str = "127.0.0.1"
+) -> Iterator[Origin]:
     """Serve an origin; HTTPS with a certificate for `names` (+ localhost, 127.0.0.1) when `ca`."""
     origin = Origin(host, 0, ca is not None)
     handler = type("Handler", (_Handler,), {"origin": origin})
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server_cls = type("Server", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True})
+    server_cls = type(
+        "Server", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True}
+    )
     server = server_cls((host, 0), handler)
     if ca is not None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ca.issue_cert(*names, "localhost", "127.0.0.1").configure_cert(context)
         server.socket = context.wrap_socket(server.socket, server_side=True)
     origin.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     try:
         yield origin

@@ -13,9 +13,10 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -258,10 +259,8 @@ def start_lingering(iso: Isolation) -> tuple[subprocess.Popen[str], str, int]:
     pid, netns = proc.stdout.readline().split()
     assert int(pid) == proc.child_pid
     assert netns != os.readlink("/proc/self/ns/net")
-    found = cmdlines()
-    if sum(token in argv for argv in found.values()) != 3:
-        names = os.listdir("/proc")
-        raise AssertionError((pid, pid in names, int(pid) in found, found.get(int(pid)), cmdlines().get(int(pid))))
+    # With vfork the parent resumes before the new argv is visible in /proc: poll briefly.
+    assert _wait_for(lambda: _count(token) == 3, timeout=10), _count(token)  # bridge+child+grand
     return proc, token, int(pid)
 
 
@@ -307,22 +306,29 @@ def test_parent_death_ends_the_namespace(start_proxy) -> None:
     parent = f"""
         import os, subprocess, sys
         from netproxy_core.isolate import Isolation
-        with Isolation(http_addr=None, socks_addr=None) as iso:
+        with Isolation(http_addr=("127.0.0.1", 9), socks_addr=None) as iso:
+            print(iso.directory, flush=True)
             proc = iso.popen([sys.executable, "-c", {textwrap.dedent(LINGER)!r}, {token!r}],
                              stdout=subprocess.PIPE, text=True)
             print(proc.stdout.readline().strip(), flush=True)
             os._exit(0)
     """
     r = subprocess.run(py(parent), capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and r.stdout.strip(), r
+    assert r.returncode == 0 and len(r.stdout.split()) == 3, r
+    directory = Path(r.stdout.split()[0])
     # The bridge is reparented; wait (bounded) for it to finish its cleanup.
-    assert _wait_gone(token, timeout=30), {p: a for p, a in cmdlines().items() if token in a}
+    assert _wait_for(lambda: _count(token) == 0, timeout=30), _count(token)
+    assert _wait_for(lambda: not directory.exists(), timeout=30)
 
 
-def _wait_gone(token: str, *, timeout: float) -> bool:
+def _count(token: str) -> int:
+    return sum(token in argv for argv in cmdlines().values())
+
+
+def _wait_for(predicate: Callable[[], bool], *, timeout: float) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if not any(token in argv for argv in cmdlines().values()):
+        if predicate():
             return True
         time.sleep(0.02)
     return False
@@ -451,3 +457,40 @@ def test_cli_run_isolate_without_namespaces_exits_2_with_one_line(tmp_path: Path
     assert r.stderr.startswith("netproxy-core: error: network isolation is not available: ")
     assert "Operation not permitted" in r.stderr
     assert not marker.exists()
+
+
+# --- the pytest fixture: netproxy.run / popen (isolate=True) ----------------------------------
+
+PLUGIN_CHILD = """
+    import socket, sys, urllib.error, urllib.request
+    def get(url):
+        try:
+            return urllib.request.urlopen(url, timeout=20).status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+    try:
+        socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5).close()
+        raw = "connected"
+    except OSError as exc:
+        raw = type(exc).__name__
+    print(raw, get("http://api.example.test/hi"), get("http://other.example.test/no"))
+"""
+
+
+def test_fixture_run_and_popen_isolate(netproxy: Any, origin: Origin) -> None:
+    fake = netproxy.fake_host(API, tls=False).route("GET", "/hi", body=b"hello")
+    netproxy.allow(API)
+    argv = [*py(PLUGIN_CHILD), str(origin.port)]
+    plain = netproxy.run(argv)
+    isolated_run = netproxy.run(argv, isolate=True)
+    proc = netproxy.popen([*py(LINGER), "netproxy-isolate-fixture"], isolate=True,
+                          stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None
+    assert int(proc.stdout.readline().split()[0]) == proc.child_pid
+    proc.terminate()
+    assert proc.wait(timeout=30) == -signal.SIGTERM
+    proc.stdout.close()
+    assert plain.stdout.split() == ["connected", "200", "403"]  # control: raw socket escapes
+    assert isolated_run.returncode == 0, isolated_run
+    assert isolated_run.stdout.split() == ["ConnectionRefusedError", "200", "403"]
+    assert [r.path for r in fake.requests] == ["/hi", "/hi"]

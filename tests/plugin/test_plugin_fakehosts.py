@@ -7,6 +7,8 @@ import textwrap
 
 import pytest
 
+pytest_plugins = ["pytester"]  # a module-level request: sub-directory conftests may not
+
 CHILDREN = """
 import sys
 import pytest

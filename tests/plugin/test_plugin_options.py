@@ -8,6 +8,8 @@ import textwrap
 
 import pytest
 
+pytest_plugins = ["pytester"]  # a module-level request: sub-directory conftests may not
+
 ARGS = ("-q", "-p", "no:cacheprovider")
 
 READ_WRITE = """

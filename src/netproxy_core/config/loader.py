@@ -257,6 +257,10 @@ def _check_mitm(value: Any, where: _Where) -> None:
         host = _str(hook["host"], "host", hwhere)
         if "*" in host or "?" in host:
             raise hwhere.error("host", "must be an exact host (no wildcard)")
+        try:
+            canonicalize_host(host)
+        except InvalidHost as exc:
+            raise hwhere.error("host", f"is not a valid host: {exc}") from None
         for key in ("methods", "path_prefixes", "action"):
             if not _str_list(hook[key], key, hwhere):
                 raise hwhere.error(key, "must not be empty")
@@ -538,7 +542,7 @@ def _as_tuple(value: str | list[str]) -> tuple[str, ...]:
 def _to_hook(name: str, raw: Raw) -> MitmHook:
     return MitmHook(
         name=name,
-        host=raw["host"],
+        host=canonicalize_host(raw["host"]),
         methods=tuple(m.upper() for m in _as_tuple(raw["methods"])),
         path_prefixes=_as_tuple(raw["path_prefixes"]),
         action=_as_tuple(raw["action"]),

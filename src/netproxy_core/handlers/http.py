@@ -13,8 +13,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
 from http import HTTPStatus
+from typing import Literal
 
 import anyio
 import anyio.abc

@@ -33,7 +33,10 @@ def advice(decision: NetworkDecision, host: str, method: str | None = None) -> s
     """One sentence naming the host and what to change."""
     match decision.reason:
         case Reason.NOT_ALLOWED:
-            return f"netproxy blocked {host}: it is not in the allowlist; add an allow entry for it (domains, --allow) to permit it."
+            return (
+                f"netproxy blocked {host}: it is not in the allowlist; "
+                "add an allow entry for it (domains, --allow) to permit it."
+            )
         case Reason.NOT_ALLOWED_LOCAL:
             return (
                 f"netproxy blocked {host}: it is or resolves to a local/private address; "
@@ -55,11 +58,17 @@ def advice(decision: NetworkDecision, host: str, method: str | None = None) -> s
                 "enable MITM (mitm.enabled) to permit it."
             )
         case Reason.MITM_HOOK_DENIED:
-            return f"netproxy blocked the request to {host}: no MITM hook for this host matches it; add or widen a hook to permit it."
+            return (
+                f"netproxy blocked the request to {host}: no MITM hook for this host matches "
+                "it; add or widen a hook to permit it."
+            )
         case Reason.PROXY_DISABLED:
             return "netproxy is disabled; enable it to let requests through."
         case Reason.HOST_MISMATCH:
-            return f"netproxy refused the request: its host does not match the tunnel or request target {host}."
+            return (
+                "netproxy refused the request: its host does not match the tunnel or request "
+                f"target {host}."
+            )
         case Reason.INVALID_HOST:
             return f"netproxy refused the request: {host!r} is not a valid host name or address."
         case _:
