@@ -335,10 +335,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _forward_signals(child)
     netns = netns_of("self")
     sockets = [path for _, _, path in args.forward]
-    lifeline = threading.Thread(target=_lifeline, args=(status, child, netns, sockets), daemon=True)
+    ending = threading.Event()
+    lifeline = threading.Thread(
+        target=_lifeline, args=(status, child, netns, sockets, ending), daemon=True
+    )
     lifeline.start()
     report(f"ready {child.pid}")
     returncode = child.wait()
+    if ending.is_set():  # the lifeline killed CMD: let it finish cleaning up
+        lifeline.join(timeout=10)
     if netns is not None:
         kill_netns(netns, exclude=bridge_pid)
     for forwarder in forwarders:
@@ -348,7 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _lifeline(status: socket.socket, child: subprocess.Popen[bytes],
-              netns: tuple[int, int] | None, sockets: list[str]) -> None:  # fmt: skip
+              netns: tuple[int, int] | None, sockets: list[str],
+              ending: threading.Event) -> None:  # fmt: skip
     """The parent closed its end (or died): end everything in the namespace.
 
     A parent that says ``bye`` first removes its relay directory itself; one that died
@@ -358,6 +364,7 @@ def _lifeline(status: socket.socket, child: subprocess.Popen[bytes],
     with contextlib.suppress(OSError):
         while data := status.recv(256):
             said = (said + data)[-16:]
+    ending.set()
     with contextlib.suppress(OSError):
         child.kill()
     if netns is not None:

@@ -76,9 +76,9 @@ async def _serve(
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with proxy.run() as handle:
             line = ready_line(handle, getattr(proxy, "admin_token", None))
-            print(line, flush=True)
-            if args.ready_file:
+            if args.ready_file:  # first, so whoever reads stdout finds the file too
                 _write_atomic(Path(args.ready_file), line)
+            print(line, flush=True)
             async for signum in signals:
                 if signum != signal.SIGHUP:
                     log.info(

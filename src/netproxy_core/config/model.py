@@ -167,9 +167,23 @@ class ProxyConfig:
         return self.mitm.enabled is not False
 
     def with_changes(self, **changes: Any) -> ProxyConfig:
-        """A copy with `changes` applied (same keys as the constructor), validated again."""
+        """A copy with `changes` applied (same keys as the constructor), validated again.
+
+        Plain strings are accepted where the spec writes strings: ``mode="limited"``,
+        ``domains=(("example.com", "allow"),)``.
+        """
         from .loader import validate_config  # loader imports this module
 
+        if isinstance(changes.get("mode"), str):
+            try:
+                changes["mode"] = Mode(changes["mode"])
+            except ValueError:
+                pass  # validate_config names the bad value
+        for key in ("domains", "unix_sockets"):
+            if key in changes:
+                changes[key] = tuple(
+                    (p, Access(a) if a in ("allow", "deny") else a) for p, a in changes[key]
+                )
         config = dataclasses.replace(self, **changes)
         validate_config(config)
         return config

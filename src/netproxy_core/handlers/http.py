@@ -139,17 +139,25 @@ class HttpSession:
             return event  # type: ignore[return-value]
         wait = limits.handshake_timeout if first else limits.idle_timeout
         data: bytes | None = None
-        with anyio.fail_after(wait), ctx.idle_wait() as idle:
-            ctx.idle_waits.add(idle)
-            try:
+        # One scope is both the idle deadline and the shutdown cancel (cheaper than two).
+        idle = ctx.idle_wait()
+        idle.deadline = anyio.current_time() + wait
+        ctx.idle_waits.add(idle)
+        try:
+            with idle:
                 data = await self._receive()
-            finally:
-                ctx.idle_waits.discard(idle)
+        finally:
+            ctx.idle_waits.discard(idle)
         if data is None:
+            if idle.cancelled_caught and not ctx.shutting_down:
+                raise TimeoutError
             return None
         self._head_bytes = len(data)
         self._note_line(data)
         self.conn.receive_data(data)
+        event = self.conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event  # type: ignore[return-value]  # the whole head came in one read
         with anyio.fail_after(limits.handshake_timeout):
             return await self._next_event()
 
