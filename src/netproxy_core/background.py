@@ -1,16 +1,19 @@
-"""`BackgroundProxy`: a proxy on its own event-loop thread for synchronous callers (SPEC §13).
+"""`BackgroundProxy`: a proxy on an event-loop thread for synchronous callers (SPEC §13).
 
-Used by the pytest plugin and by scripts. A context manager: entering starts the listeners
-(ephemeral loopback ports unless the config or arguments say otherwise), leaving shuts the
-proxy down gracefully and joins the thread.
+Used by the pytest plugin and by scripts. A context manager: entering starts the listeners,
+leaving shuts the proxy down gracefully. By default each instance runs its own loop thread;
+pass `portal` to run on a loop that several proxies share (the plugin keeps one per worker:
+starting and joining a thread per proxy costs more than the whole per-test budget). Proxies
+on one loop still share nothing else.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
@@ -23,6 +26,8 @@ from .proxy import NetworkProxy, ProxyHandle
 
 __all__ = ["BackgroundProxy"]
 
+T = TypeVar("T")
+
 
 class BackgroundProxy:
     """Run a `NetworkProxy` on a background thread.
@@ -31,6 +36,8 @@ class BackgroundProxy:
         config: the configuration (default: nothing allowed).
         http_addr / socks_addr: listener addresses overriding the config's.
         decider, sinks, ca, home, audit_fields: as for `NetworkProxy`.
+        upstream_env: environment to read upstream proxy variables from.
+        portal: run on this shared event-loop thread instead of starting one.
     """
 
     def __init__(
@@ -45,6 +52,7 @@ class BackgroundProxy:
         home: str | Path | None = None,
         audit_fields: dict[str, str] | None = None,
         upstream_env: dict[str, str] | None = None,
+        portal: BlockingPortal | None = None,
     ) -> None:
         self._config = config or ProxyConfig()
         self._http_addr, self._socks_addr = http_addr, socks_addr
@@ -53,6 +61,7 @@ class BackgroundProxy:
         self._audit_fields = audit_fields
         self._upstream_env = upstream_env
         self._stack: contextlib.ExitStack | None = None
+        self._shared_portal = portal
         self._portal: BlockingPortal | None = None
         self.proxy: NetworkProxy | None = None
         self.handle: ProxyHandle | None = None
@@ -64,7 +73,7 @@ class BackgroundProxy:
     def __enter__(self) -> BackgroundProxy:
         stack = contextlib.ExitStack()
         try:
-            portal = stack.enter_context(start_blocking_portal())
+            portal = self._shared_portal or stack.enter_context(start_blocking_portal())
             self.proxy = portal.call(self._build)
             self.handle = stack.enter_context(portal.wrap_async_context_manager(self.proxy.run()))
         except BaseException:
@@ -159,12 +168,17 @@ class BackgroundProxy:
     def blocked(self) -> list[BlockedRecord]:
         return self._running()[0].blocked()
 
+    def reload(self, config: ProxyConfig) -> None:
+        """Swap in a new configuration (listener addresses stay as bound)."""
+        self._running()[0].reload(config)
+
     def evaluate(self, request: NetworkPolicyRequest) -> NetworkDecision:
         proxy, _ = self._running()
         assert self._portal is not None
         return self._portal.call(proxy.evaluate, request)
 
-    def call(self, func: Any, *args: Any) -> Any:
+    def call(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run an async function on the proxy's loop and return its result."""
+        self._running()
         assert self._portal is not None
         return self._portal.call(func, *args)

@@ -1,6 +1,6 @@
 """`NetproxyHandle`: the object a test touches as ``netproxy`` (SPEC §14.1).
 
-Wraps one running proxy (`LoopProxy`): URLs and CA paths, the child environment, subprocess
+Wraps one running proxy (a `BackgroundProxy`): URLs and CA paths, the child environment, subprocess
 helpers, runtime policy changes, credentials, fake hosts, this proxy's decisions and the
 assertion helpers. `close()` stops everything the handle started (children, fake hosts, the
 proxy thread) and is safe to call twice.
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from netproxy_core import (
+    BackgroundProxy,
     BlockedRecord,
     CertificateAuthority,
     PolicyDecisionEvent,
@@ -32,7 +33,6 @@ from netproxy_core.isolate import Isolation, check_isolation
 from . import assertions
 from .assertions import Expectation, normalize_host
 from .fakehost import FakeHost
-from .loop import LoopProxy
 
 __all__ = ["NetproxyHandle"]
 
@@ -44,14 +44,14 @@ class NetproxyHandle:
     """A running proxy for one test (or one `make_netproxy` call).
 
     Attributes:
-        proxy: the underlying `LoopProxy` (a `NetworkProxy` on the worker's loop).
+        proxy: the underlying `BackgroundProxy` (on the worker's shared loop).
         test_id: the pytest node id stamped on every event (``netproxy.test_id``).
         strict: fail the test at teardown on a refusal it did not assert or expect.
     """
 
     def __init__(
         self,
-        proxy: LoopProxy,
+        proxy: BackgroundProxy,
         *,
         ca: CertificateAuthority,
         test_id: str,
