@@ -87,7 +87,12 @@ def _wrk(addr: tuple[str, int], path: str, host: str, c: int, seconds: float, cl
 
 
 async def _py_client(
-    addr: tuple[str, int], request: bytes, deadline: float, lat: list[float], errs: list[int], close: bool
+    addr: tuple[str, int],
+    request: bytes,
+    deadline: float,
+    lat: list[float],
+    errs: list[int],
+    close: bool,
 ) -> None:
     reader = writer = None
     while time.monotonic() < deadline:
@@ -112,7 +117,12 @@ async def _py_client(
 
 
 def _py_load_proc(
-    addr: tuple[str, int], request: bytes, c: int, seconds: float, close: bool, out: multiprocessing.Queue[tuple[float, list[float], int]]
+    addr: tuple[str, int],
+    request: bytes,
+    c: int,
+    seconds: float,
+    close: bool,
+    out: multiprocessing.Queue[tuple[float, list[float], int]],
 ) -> None:
     async def main() -> tuple[float, list[float], int]:
         lat: list[float] = []
@@ -207,7 +217,7 @@ def download(s: socket.socket, path: str, host: str, size: int) -> float:
 
 def connect_setups(proxy: tuple[str, int] | None, target: str, n: int) -> float:
     """ms for n sequential CONNECT set-ups (direct: n TCP connects to the origin)."""
-    host, port = target.rsplit(":", 1)
+    _host, port = target.rsplit(":", 1)
     start = time.perf_counter()
     for _ in range(n):
         if proxy is None:
@@ -217,7 +227,9 @@ def connect_setups(proxy: tuple[str, int] | None, target: str, n: int) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def hold_tunnels(proxy: tuple[str, int], target: str, n: int, deadline: float) -> tuple[list[socket.socket], int]:
+def hold_tunnels(
+    proxy: tuple[str, int], target: str, n: int, deadline: float
+) -> tuple[list[socket.socket], int]:
     held: list[socket.socket] = []
     errors = 0
     for _ in range(n):

@@ -8,6 +8,7 @@ the project environment), tinyproxy, nginx and wrk through apt-get.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -56,7 +57,9 @@ def install_apt(binaries: dict[str, str], timeout: float = 240) -> dict[str, str
             return dict.fromkeys(missing, "apt-get not available")
         ok, why = _run(["apt-get", "update", "-qq"], timeout)
         if ok:
-            ok, why = _run(["apt-get", "install", "-y", "-qq", *sorted(set(missing.values()))], timeout)
+            ok, why = _run(
+                ["apt-get", "install", "-y", "-qq", *sorted(set(missing.values()))], timeout
+            )
         for binary in missing:
             if not _which(binary):
                 reasons[binary] = f"apt-get install {missing[binary]} failed: {why}"
@@ -106,14 +109,16 @@ def _two_cores() -> bool:
     return len(os.sched_getaffinity(0) | {0, 1}) >= 2 and (os.cpu_count() or 1) >= 2
 
 
-def spawn(cmd: Sequence[str], *, stdout: int | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    cmd: Sequence[str], *, stdout: int | None = None, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         list(cmd),
         stdin=subprocess.DEVNULL,
         stdout=stdout if stdout is not None else subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=cwd,
-        preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, no locks touched
+        preexec_fn=_die_with_parent,
     )
     _CHILDREN.append(proc)
     return proc
@@ -128,10 +133,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.kill()
             proc.wait(3)
     for pid in _descendants(proc.pid):
-        try:
+        with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
 
 
 def stop_all() -> None:
@@ -329,9 +332,7 @@ def tinyproxy_launch(tmp: Path) -> Launch:
 def start(launch: Launch, *, ready_line: bool = False) -> tuple[Proxy, float]:
     """Start pinned to the proxy core; returns the proxy and its exec→listening seconds."""
     begin = time.perf_counter()
-    proc = spawn(
-        pinned(PROXY_CORE, launch.argv), stdout=subprocess.PIPE if ready_line else None
-    )
+    proc = spawn(pinned(PROXY_CORE, launch.argv), stdout=subprocess.PIPE if ready_line else None)
     waited = wait_listening(launch.port, proc)
     elapsed = time.perf_counter() - begin
     ca = launch.ca_file

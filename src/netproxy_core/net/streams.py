@@ -70,8 +70,8 @@ async def peek(
         with anyio.move_on_after(total_timeout):
             while len(data) < want:
                 data += await stream.inner.receive()
-    except anyio.EndOfStream:
-        pass
+    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        pass  # a reset while peeking is an end of input: the caller's next read reports it
     stream._prefix = data
     return data
 

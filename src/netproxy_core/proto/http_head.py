@@ -103,7 +103,8 @@ def _authority(text: str, default_port: int | None) -> tuple[str, int]:
         port = default_port
     if port == 0:
         raise InvalidHost(f"invalid port 0 in {text!r}", host=text)
-    return canonicalize_host(host), port
+    # The whole authority, so the canonicaliser sees the brackets ("[name]" is invalid).
+    return canonicalize_host(text), port
 
 
 def classify(method: bytes, target: bytes, headers: Headers) -> Forward | Connect | Reject:
