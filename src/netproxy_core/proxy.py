@@ -469,10 +469,14 @@ class NetworkProxy:
             await stream.aclose()
             return
         self._over_limit_logged = False
-        client = _peer(stream)
+        # One attribute lookup (anyio builds its attribute table on every `extra` call).
+        client: str | None = None
         try:
             sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                address = sock.getpeername()
+                client = format_addr(str(address[0]), int(address[1]))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, anyio.TypedAttributeLookupError):
             pass
         with anyio.CancelScope() as scope:
@@ -520,13 +524,3 @@ async def _listen(host: str, port: int, what: str) -> anyio.abc.Listener[Any]:
 def _bound(listener: anyio.abc.Listener[Any]) -> tuple[str, int]:
     sockaddr = listener.extra(anyio.abc.SocketAttribute.local_address)
     return str(sockaddr[0]), int(sockaddr[1])
-
-
-def _peer(stream: anyio.abc.SocketStream) -> str | None:
-    try:
-        address = stream.extra(anyio.abc.SocketAttribute.remote_address)
-    except anyio.TypedAttributeLookupError:
-        return None
-    if isinstance(address, tuple):
-        return format_addr(str(address[0]), int(address[1]))
-    return None

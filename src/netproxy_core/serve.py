@@ -55,7 +55,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _backend_options() -> dict[str, Any]:
     try:
-        import uvloop  # type: ignore[import-not-found]  # noqa: F401  # optional `speed` extra
+        import uvloop  # type: ignore[import-not-found,unused-ignore]  # noqa: F401  # `speed` extra
     except ImportError:
         return {}
     return {"use_uvloop": True}

@@ -985,3 +985,17 @@ def test_loaded_error_pickles() -> None:
         "allow_local_bindings",
         "x.toml",
     )
+
+
+def test_network_key_at_top_level_is_an_error_naming_the_right_table(tmp_path: Path) -> None:
+    config = tmp_path / "top.toml"
+    config.write_text("[limits]\nidle_timeout = 1.5\n")
+    with pytest.raises(ConfigError, match=r"`limits` at the top level of .*top\.toml") as info:
+        load_config([config])
+    assert "[permissions.<profile>.network]" in str(info.value)
+
+
+def test_unrelated_top_level_keys_are_ignored(tmp_path: Path) -> None:
+    config = tmp_path / "shared.toml"
+    config.write_text('model = "x"\n[permissions.ws.network.domains]\n"a.example" = "allow"\n')
+    assert load_config([config], profile="ws").allowed_patterns == ("a.example",)

@@ -362,6 +362,14 @@ def _profiles(doc: Raw, file: str) -> dict[str, Raw]:
             key="default_permissions",
             file=file,
         )
+    for key in doc:
+        if key in NETWORK_KEYS:
+            raise ConfigError(
+                f"`{key}` at the top level of {file} is not read; network keys belong in "
+                f"[permissions.<profile>.network] (e.g. [permissions.workspace.network.{key}])",
+                key=key,
+                file=file,
+            )
     perms = doc.get("permissions", {})
     if not isinstance(perms, dict):
         raise ConfigError(f"`permissions` in {file} must be a table", key="permissions", file=file)

@@ -174,11 +174,9 @@ class ProxyConfig:
         """
         from .loader import validate_config  # loader imports this module
 
-        if isinstance(changes.get("mode"), str):
-            try:
-                changes["mode"] = Mode(changes["mode"])
-            except ValueError:
-                pass  # validate_config names the bad value
+        mode = changes.get("mode")
+        if isinstance(mode, str) and mode in tuple(Mode):
+            changes["mode"] = Mode(mode)  # anything else: validate_config names the bad value
         for key in ("domains", "unix_sockets"):
             if key in changes:
                 changes[key] = tuple(

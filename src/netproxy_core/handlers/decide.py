@@ -46,9 +46,9 @@ async def decide(
             returns is the (one, audited) outcome.
     """
     decision, host = await _evaluate(ctx, request, check)
-    ctx.audit.record(
-        dataclasses.replace(request, host=host), decision, mode=str(ctx.state.rules.mode)
-    )
+    if host != request.host:
+        request = dataclasses.replace(request, host=host)
+    ctx.audit.record(request, decision, mode=str(ctx.state.rules.mode))
     return decision
 
 

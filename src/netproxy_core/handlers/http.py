@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Literal
@@ -73,6 +74,10 @@ class InnerTarget:
 
 class _ClientGone(Exception):
     pass
+
+
+class _Switched(Exception):
+    """The exchange became a relayed protocol switch (101); the connection is done."""
 
 
 class HttpSession:
@@ -228,8 +233,11 @@ class HttpSession:
         method = request.method.decode("ascii", "replace")
         if isinstance(target, Reject):
             if target.reason is not None:
+                protocol = Protocol.HTTP if self.inner is None else Protocol.HTTPS
+                if self.inner is None and request.method == b"CONNECT":
+                    protocol = Protocol.HTTPS_CONNECT
                 req = self._policy_request(
-                    Protocol.HTTP if self.inner is None else Protocol.HTTPS,
+                    protocol,
                     target.host,
                     target.port,
                     method,
@@ -342,7 +350,8 @@ class HttpSession:
             )
             if origin.via.authorization:
                 out.append((b"proxy-authorization", origin.via.authorization))
-        return await self._exchange(origin, client, request.method, path, out, target)
+        bodiless = _bodiless(request.headers)  # the client's framing, not the forwarded headers
+        return await self._exchange(origin, client, request.method, path, out, target, bodiless)
 
     async def _origin_for(
         self, target: Forward, decision: NetworkDecision
@@ -380,69 +389,40 @@ class HttpSession:
         path: bytes,
         headers: list[tuple[bytes, bytes]],
         target: Forward,
+        bodiless: bool = False,
     ) -> bool:
         upstream = origin.stream
+        pending = bytearray()  # response bytes for the client, sent before the next wait
         response_started = False
-        body_done = anyio.Event()
-
-        async def send_body() -> None:
-            try:
-                while True:
-                    event = await self._next_event()
-                    if isinstance(event, h11.Data):
-                        await upstream.send(client.send(event))
-                    elif isinstance(event, h11.EndOfMessage):
-                        await upstream.send(client.send(h11.EndOfMessage()))
-                        return
-                    else:
-                        raise _ClientGone
-            finally:
-                body_done.set()
-
+        request = h11.Request(method=method, target=path, headers=headers)
         try:
             with _upstream_io(target):
-                await upstream.send(
-                    client.send(h11.Request(method=method, target=path, headers=headers))
-                )
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(send_body)
-                    while True:
-                        event = await self._origin_event(client, upstream)
-                        if isinstance(event, h11.InformationalResponse):
-                            if event.status_code == 101:
-                                await body_done.wait()
-                                await self._switch(event, client, upstream)
-                                return False
-                            if self.conn.their_http_version == b"1.1":
-                                await self._send(
-                                    h11.InformationalResponse(
-                                        status_code=event.status_code,
-                                        headers=strip_hop_by_hop(event.headers),
-                                        reason=event.reason,
-                                    )
-                                )
-                            continue
-                        if isinstance(event, h11.Response):
-                            response_started = True
-                            await self._send(
-                                h11.Response(
-                                    status_code=event.status_code,
-                                    headers=strip_hop_by_hop(event.headers),
-                                    reason=event.reason,
-                                )
-                            )
-                        elif isinstance(event, h11.Data):
-                            await self._send(event)
-                        elif isinstance(event, h11.EndOfMessage):
-                            await self._send(h11.EndOfMessage())
-                            break
-                        else:
-                            raise UpstreamError(f"{target.host} closed the connection mid-response")
-                    with anyio.fail_after(self.ctx.limits.idle_timeout):
-                        await body_done.wait()
+                # No body: h11 has the end of the request already (a bodiless request never
+                # yields Data); one send to the origin and no body task.
+                if bodiless and isinstance(self.conn.next_event(), h11.EndOfMessage):
+                    await upstream.send(client.send(request) + client.send(h11.EndOfMessage()))
+                    response_started = await self._relay_response(
+                        client, upstream, target, pending, None
+                    )
+                else:
+                    await upstream.send(client.send(request))
+                    body_done = anyio.Event()
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._send_body, client, upstream, body_done)
+                        response_started = await self._relay_response(
+                            client, upstream, target, pending, body_done
+                        )
+                        with anyio.fail_after(self.ctx.limits.idle_timeout):
+                            await body_done.wait()
+        except _Switched:
+            return False
         except UpstreamError as exc:
+            if pending:  # what the client would have had before the failure
+                with contextlib.suppress(_ClientGone):
+                    await self._write(bytes(pending))
+                response_started = True
             await self._close_origin()
-            if response_started:
+            if response_started or self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
                 return False
             await self._upstream_failed(exc)
             return False
@@ -450,23 +430,102 @@ class HttpSession:
             await self._close_origin()
         return True
 
-    async def _origin_event(
-        self, client: h11.Connection, upstream: anyio.abc.ByteStream
-    ) -> h11.Event:
-        while True:
-            event = client.next_event()
-            if isinstance(event, (h11.Response, h11.InformationalResponse)):
-                limit = self.ctx.limits.max_header_bytes
-                if head_size(len(event.reason) + 13, event.headers) > limit:
+    async def _send_body(
+        self, client: h11.Connection, upstream: anyio.abc.ByteStream, body_done: anyio.Event
+    ) -> None:
+        try:
+            while True:
+                event = await self._next_event()
+                if isinstance(event, h11.Data):
+                    await upstream.send(client.send(event))
+                elif isinstance(event, h11.EndOfMessage):
+                    await upstream.send(client.send(h11.EndOfMessage()))
+                    return
+                else:
+                    raise _ClientGone
+        finally:
+            body_done.set()
+
+    async def _relay_response(
+        self,
+        client: h11.Connection,
+        upstream: anyio.abc.ByteStream,
+        target: Forward,
+        pending: bytearray,
+        body_done: anyio.Event | None,
+    ) -> bool:
+        """Forward the origin's response; returns True once its head was queued.
+
+        Writes are batched: everything h11 yields from what has been read so far goes to the
+        client in one send, before the next read (a small response costs one write). The
+        idle timeout bounds each wait for the origin, not the writes to the client.
+        Raises `_Switched` after relaying a protocol switch.
+        """
+        conn = self.conn
+        limit = self.ctx.limits.max_header_bytes
+        idle = self.ctx.limits.idle_timeout
+        started = False
+        with anyio.CancelScope() as scope:
+            while True:
+                event = client.next_event()
+                if event is h11.NEED_DATA:
+                    if pending:
+                        await self._write(bytes(pending))
+                        pending.clear()
+                    scope.deadline = anyio.current_time() + idle
+                    try:
+                        data = await upstream.receive(READ_SIZE)
+                    except anyio.EndOfStream:
+                        data = b""
+                    scope.deadline = math.inf
+                    client.receive_data(data)
+                    continue
+                if isinstance(event, h11.Data):
+                    pending += conn.send(event)
+                    if len(pending) >= READ_SIZE:
+                        await self._write(bytes(pending))
+                        pending.clear()
+                    continue
+                if (
+                    isinstance(event, (h11.Response, h11.InformationalResponse))
+                    and head_size(len(event.reason) + 13, event.headers) > limit
+                ):
                     raise UpstreamError(f"response head larger than {limit} bytes")
-            if event is not h11.NEED_DATA:
-                return event  # type: ignore[return-value]
-            with anyio.fail_after(self.ctx.limits.idle_timeout):
-                try:
-                    data = await upstream.receive(READ_SIZE)
-                except anyio.EndOfStream:
-                    data = b""
-            client.receive_data(data)
+                if isinstance(event, h11.InformationalResponse):
+                    if event.status_code == 101:
+                        if pending:
+                            await self._write(bytes(pending))
+                            pending.clear()
+                        if body_done is not None:
+                            await body_done.wait()
+                        await self._switch(event, client, upstream)
+                        raise _Switched
+                    if conn.their_http_version == b"1.1":
+                        pending += conn.send(
+                            h11.InformationalResponse(
+                                status_code=event.status_code,
+                                headers=strip_hop_by_hop(event.headers),
+                                reason=event.reason,
+                            )
+                        )
+                    continue
+                if isinstance(event, h11.Response):
+                    started = True
+                    pending += conn.send(
+                        h11.Response(
+                            status_code=event.status_code,
+                            headers=strip_hop_by_hop(event.headers),
+                            reason=event.reason,
+                        )
+                    )
+                elif isinstance(event, h11.EndOfMessage):
+                    pending += conn.send(h11.EndOfMessage())
+                    await self._write(bytes(pending))
+                    pending.clear()
+                    return started
+                else:
+                    raise UpstreamError(f"{target.host} closed the connection mid-response")
+        raise TimeoutError  # the idle deadline passed while waiting for the origin
 
     async def _switch(
         self,
@@ -532,10 +591,13 @@ class HttpSession:
     async def _send(self, event: h11.Event) -> None:
         data = self.conn.send(event)
         if data:
-            try:
-                await self.stream.send(data)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                raise _ClientGone from None
+            await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            await self.stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            raise _ClientGone from None
 
     async def _respond(
         self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, close: bool = False
@@ -594,7 +656,7 @@ class _upstream_io:
         label = format_host_port(self.target.host, self.target.port)
         while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
             exc = exc.exceptions[0]
-        if isinstance(exc, (_ClientGone, UpstreamError)):
+        if isinstance(exc, (_ClientGone, UpstreamError, _Switched)):
             raise exc
         if isinstance(exc, TimeoutError):
             raise UpstreamError(f"{label} did not answer in time", timeout=True) from exc
@@ -603,6 +665,14 @@ class _upstream_io:
         if isinstance(exc, (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)):
             raise UpstreamError(f"connection to {label} failed: {type(exc).__name__}") from exc
         return False
+
+
+def _bodiless(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """The request has no body: no Transfer-Encoding and no non-zero Content-Length."""
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return False
+    return True
 
 
 def _phrase(status: int) -> bytes:

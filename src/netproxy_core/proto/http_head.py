@@ -96,7 +96,7 @@ def _authority(text: str, default_port: int | None) -> tuple[str, int]:
     """Canonical host and port of an authority; raises InvalidHost."""
     if "@" in text:
         raise InvalidHost(f"invalid host {text!r}: userinfo is not allowed", host=text)
-    host, port = split_host_port(text)
+    _, port = split_host_port(text)
     if port is None:
         if default_port is None:
             raise InvalidHost(f"invalid CONNECT target {text!r}: a port is required", host=text)
