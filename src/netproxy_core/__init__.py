@@ -2,6 +2,7 @@
 
 from .audit import BlockedRecord, PolicyDecisionEvent
 from .background import BackgroundProxy
+from .broker import CredentialBroker, brokered_dummy_env_keys
 from .certs import CertificateAuthority
 from .child_env import child_env, strip_managed_env
 from .config.loader import load_config
@@ -19,6 +20,7 @@ __all__ = [
     "CertificateAuthority",
     "ClientProtocolError",
     "ConfigError",
+    "CredentialBroker",
     "Decision",
     "InvalidHost",
     "Mode",
@@ -34,6 +36,7 @@ __all__ = [
     "Source",
     "UpstreamError",
     "__version__",
+    "brokered_dummy_env_keys",
     "canonicalize_host",
     "child_env",
     "load_config",

@@ -315,7 +315,15 @@ class SinkDispatcher:
 
     The thread starts with the first event, so a proxy that never emits leaves no thread.
     On overflow events are dropped and counted (`dropped`), never waited for.
+
+    A quick sink still sees each event before the request goes on: when nothing is queued
+    ahead of it, the emitter waits up to `sync_wait` seconds for the delivery. A sink that
+    misses that deadline `max_misses` times is never waited for again, so a slow or stuck
+    sink costs the event loop at most ``sync_wait * max_misses`` in total.
     """
+
+    sync_wait: Final = 0.05
+    max_misses: Final = 3
 
     def __init__(self, sink: EventSink, *, maxsize: int = 10_000) -> None:
         self._sink = sink
@@ -324,6 +332,7 @@ class SinkDispatcher:
         self._pending = 0
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._misses = 0
         self.dropped = 0
 
     def __repr__(self) -> str:
@@ -345,6 +354,9 @@ class SinkDispatcher:
                 self.dropped += 1
                 return
             self._pending += 1
+            wait = self._pending == 1 and self._misses < self.max_misses
+            if wait and not self._cond.wait_for(lambda: self._pending == 0, self.sync_wait):
+                self._misses += 1
 
     def _run(self) -> None:
         for event in iter(self._queue.get, None):

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from .audit import BlockedRecord, EventSink, PolicyDecisionEvent
+from .broker import CredentialBroker
 from .certs import CertificateAuthority
 from .config.model import Mode, ProxyConfig
 from .handlers.context import Decider
@@ -152,6 +153,11 @@ class BackgroundProxy:
     @property
     def config(self) -> ProxyConfig:
         return self._running()[0].config
+
+    @property
+    def broker(self) -> CredentialBroker | None:
+        """The credential broker (`broker.virtualize(env)`, SPEC §8); None when it is off."""
+        return self._running()[0].broker
 
     def allow(self, *patterns: str) -> None:
         self._running()[0].allow(*patterns)

@@ -125,10 +125,12 @@ def make_dummy(real: str, is_taken: Callable[[str], bool] | None = None) -> str 
     value `is_taken` rejects (other dummies, other real values).
     """
     prefix = next((p for p in DUMMY_PREFIXES if real.startswith(p)), "")
-    length = max(len(real), len(prefix) + _MIN_RANDOM)
+    # A value shorter than prefix + 16 gets prefix + 16 random alphanumerics (SPEC §8).
+    short = len(real) < len(prefix) + _MIN_RANDOM
+    length = len(prefix) + _MIN_RANDOM if short else len(real)
     for _ in range(_ATTEMPTS):
         chars = [
-            real[i] if i < len(real) and not real[i].isalnum() else secrets.choice(_ALPHABET)
+            real[i] if not short and not real[i].isalnum() else secrets.choice(_ALPHABET)
             for i in range(len(prefix), length)
         ]
         dummy = prefix + "".join(chars)

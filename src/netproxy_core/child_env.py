@@ -99,7 +99,7 @@ def child_env(
     base: Mapping[str, str] | None = None,
     *,
     socks: bool = False,
-    allow_local_binding: bool = False,
+    allow_local_binding: bool | None = None,
     auth_token: str | None = None,
     broker: CredentialBroker | None = None,
 ) -> dict[str, str]:
@@ -112,7 +112,8 @@ def child_env(
         proxy: a running proxy (handle, `BackgroundProxy`, plugin fixture) or `Endpoints`.
         socks: put the ``socks5h://`` URL in ``ALL_PROXY`` (breaks httpx without socksio);
             `ValueError` when the proxy has no SOCKS5 listener.
-        allow_local_binding: ``NO_PROXY`` = ``localhost,127.0.0.1,::1`` instead of empty.
+        allow_local_binding: ``NO_PROXY`` = ``localhost,127.0.0.1,::1`` instead of empty
+            (default: the proxy's own ``allow_local_binding`` when it can be found, else false).
         auth_token: proxy authentication token to embed as URL userinfo (default: the
             proxy's ``proxy_auth_token`` when it can be found).
         broker: virtualise credentials with this broker (default: the proxy's own broker
@@ -134,6 +135,8 @@ def child_env(
         all_proxy = _with_userinfo(proxy.socks_url, auth_token)
     for key in ALL_PROXY_KEYS:
         env[key] = all_proxy
+    if allow_local_binding is None:
+        allow_local_binding = _proxy_allows_local(proxy)
     no_proxy = LOCAL_NO_PROXY if allow_local_binding else ""
     for key in NO_PROXY_KEYS:
         env[key] = no_proxy
@@ -189,6 +192,11 @@ def _proxy_broker(proxy: object) -> CredentialBroker | None:
 
     broker = getattr(_engine(proxy), "broker", None)
     return broker if isinstance(broker, CredentialBroker) else None
+
+
+def _proxy_allows_local(proxy: object) -> bool:
+    config = getattr(_engine(proxy), "config", None)
+    return getattr(config, "allow_local_binding", False) is True
 
 
 def _proxy_auth_token(proxy: object) -> str | None:

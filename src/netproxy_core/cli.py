@@ -106,7 +106,8 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-level",
         default="info",
-        choices=["debug", "info", "warning", "error"],
+        type=str.lower,
+        choices=["debug", "info", "warning", "error", "critical"],
         help="log level for stderr",
     )
 
@@ -184,6 +185,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
             changes[key] = getattr(args, flag)
     if getattr(args, "no_socks5", False):
         changes["enable_socks5"] = False
+    elif getattr(args, "socks_addr", None):
+        changes["enable_socks5"] = True  # the flag beats a profile that turned SOCKS off
     if getattr(args, "otel", None):
         changes["otel"] = dataclasses.replace(config.otel, enabled=True)
     return config.with_changes(**changes) if changes else config
@@ -243,13 +246,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 0
+    notice = None
     if not config.allowed_patterns:
-        print(
+        notice = (
             f"{PROG}: profile {config.profile!r} allows no host yet: every request will be blocked "
-            "until you add --allow PATTERN or allow entries in a config file",
-            file=sys.stderr,
+            "until you add --allow PATTERN or allow entries in a config file"
         )
-    return serve_forever(config, args, reload=lambda: config_from_args(args))
+    # The notice is printed once listening, so a start-up error stays the only stderr line.
+    return serve_forever(config, args, reload=lambda: config_from_args(args), notice=notice)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -276,11 +280,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     )
 
     async def evaluate() -> dict[str, Any]:
-        proxy = NetworkProxy(
-            config.with_changes(audit_log=None, mitm=type(config.mitm)(enabled=False))
-            if not config.credential_broker
-            else config
-        )
+        # The configuration as `serve` would build it (hooks compiled, a `mitm.ca` loaded), so
+        # a bad hook or CA is a config error here too; only the event outputs are left off.
+        proxy = NetworkProxy(config.with_changes(audit_log=None, otel=type(config.otel)()))
         decision = await proxy.evaluate(NetworkPolicyRequest(protocol, host, port, method))
         shown = proxy.events()[-1].host if proxy.events() else host
         return {

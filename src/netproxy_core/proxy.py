@@ -7,7 +7,6 @@ audit bus, CA and connection table; two proxies in one process never share anyth
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -42,6 +41,7 @@ from .state import RuntimeState
 __all__ = ["NetworkProxy", "NetworkProxyBuilder", "ProxyHandle", "default_home"]
 
 log = logging.getLogger("netproxy.proxy")
+_DEFAULT_SOCKS_URL = ProxyConfig.__dataclass_fields__["socks_url"].default
 
 
 def default_home() -> Path:
@@ -168,6 +168,7 @@ class ProxyHandle:
     _stop: anyio.Event = field(default_factory=anyio.Event)
     _done: anyio.Event = field(default_factory=anyio.Event)
     _task: asyncio.Task[None] | None = None
+    _in_context: bool = False  # started by `async with proxy.run()`
 
     @property
     def http_url(self) -> str | None:
@@ -218,6 +219,7 @@ class _RunCall:
     async def __aenter__(self) -> ProxyHandle:
         self._cm = self._proxy._serving()
         handle: ProxyHandle = await self._cm.__aenter__()
+        handle._in_context = True  # `await handle.shutdown()` inside the block must not hang
         return handle
 
     async def __aexit__(self, *exc: object) -> None:
@@ -297,6 +299,23 @@ class NetworkProxy:
     def config(self) -> ProxyConfig:
         return self.state.config
 
+    # The running listeners (None until `run()`), so `child_env(proxy)` works on the engine too.
+    @property
+    def http_url(self) -> str | None:
+        return self.handle.http_url if self.handle else None
+
+    @property
+    def socks_url(self) -> str | None:
+        return self.handle.socks_url if self.handle else None
+
+    @property
+    def ca_cert_path(self) -> Path | None:
+        return self.handle.ca_cert_path if self.handle else None
+
+    @property
+    def ca_bundle_path(self) -> Path | None:
+        return self.handle.ca_bundle_path if self.handle else None
+
     # --- policy API ---------------------------------------------------------------------
 
     async def evaluate(self, request: NetworkPolicyRequest) -> NetworkDecision:
@@ -336,6 +355,8 @@ class NetworkProxy:
         self.state.replace(config)
         self._interceptor.hooks = hooks
         self.ctx._origin_tls = None
+        if isinstance(self.ctx.resolver, Resolver):  # limits apply live (SPEC §15)
+            self.ctx.resolver.timeout = config.limits.dns_timeout
 
     def reload_from_sources(self) -> ProxyConfig:
         """Re-read the configuration (admin ``POST /reload``, SIGHUP) and swap it in.
@@ -386,6 +407,7 @@ class NetworkProxy:
                 "the proxy is disabled (enabled = false); nothing to serve", key="enabled"
             )
         listeners: list[tuple[anyio.abc.Listener[Any], Callable[..., Any]]] = []
+        self.ctx.shutting_down = False  # a proxy may be run again after a shutdown
         try:
             http_host, http_port = self._bind_addr(config.proxy_url, 3128)
             http = await _listen(http_host, http_port, "HTTP")
@@ -393,6 +415,10 @@ class NetworkProxy:
             socks = None
             if config.enable_socks5:
                 socks_host, socks_port = self._bind_addr(config.socks_url, 8081)
+                if http_port == 0 and config.socks_url == _DEFAULT_SOCKS_URL:
+                    # An ephemeral HTTP listener asks for a throwaway proxy: never grab the
+                    # fixed default SOCKS port behind the caller's back (parallel runs collide).
+                    socks_port = 0
                 socks = await _listen(socks_host, socks_port, "SOCKS5")
                 listeners.append((socks, serve_socks_client))
             handle = ProxyHandle(self, _bound(http), _bound(socks) if socks else None)
@@ -410,6 +436,7 @@ class NetworkProxy:
                     async with anyio.create_task_group() as accepts:
                         for listener, serve in listeners:
                             accepts.start_soon(self._accept_loop, listener, serve, conns)
+                        accepts.start_soon(self._stop_when_asked, handle, listeners)
                         try:
                             yield handle
                         finally:
@@ -424,6 +451,22 @@ class NetworkProxy:
                     await listener.aclose()
             with anyio.CancelScope(shield=True):  # lets threaded sinks drain, off the loop
                 await anyio.to_thread.run_sync(self.audit.close)
+
+    async def _stop_when_asked(
+        self,
+        handle: ProxyHandle,
+        listeners: list[tuple[anyio.abc.Listener[Any], Callable[..., Any]]],
+    ) -> None:
+        """`await handle.shutdown()` inside `async with proxy.run()`: drain now.
+
+        (A detached `await proxy.run()` is stopped by its own task leaving the context.)
+        """
+        await handle._stop.wait()
+        if not handle._in_context:
+            return
+        with anyio.CancelScope(shield=True):
+            await self._drain(listeners)
+        handle._done.set()
 
     async def _admin_listener(
         self, config: ProxyConfig
@@ -452,8 +495,10 @@ class NetworkProxy:
         async def handler(stream: anyio.abc.SocketStream) -> None:
             await self._serve_connection(stream, serve)
 
-        with contextlib.suppress(anyio.ClosedResourceError):
+        try:
             await listener.serve(handler, task_group=conns)
+        except* anyio.ClosedResourceError:  # closed by a shutdown (a multi-listener groups it)
+            pass
 
     async def _serve_connection(
         self, stream: anyio.abc.SocketStream, serve: Callable[..., Any]
@@ -496,6 +541,13 @@ class NetworkProxy:
         tg: anyio.abc.TaskGroup,
         listeners: list[tuple[anyio.abc.Listener[Any], Callable[..., Any]]],
     ) -> None:
+        await self._drain(listeners)
+        tg.cancel_scope.cancel()
+
+    async def _drain(
+        self, listeners: list[tuple[anyio.abc.Listener[Any], Callable[..., Any]]]
+    ) -> None:
+        """Stop accepting, let open exchanges finish up to `shutdown_grace`, cancel the rest."""
         for listener, _ in listeners:
             await listener.aclose()
         self.ctx.shutting_down = True
@@ -507,7 +559,6 @@ class NetworkProxy:
                 await anyio.sleep(0.02)
         for conn in list(self._connections.values()):
             conn.scope.cancel()
-        tg.cancel_scope.cancel()
 
 
 async def _listen(host: str, port: int, what: str) -> anyio.abc.Listener[Any]:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -62,20 +63,31 @@ def _backend_options() -> dict[str, Any]:
 
 
 def serve_forever(
-    config: ProxyConfig, args: argparse.Namespace, reload: Callable[[], ProxyConfig]
+    config: ProxyConfig,
+    args: argparse.Namespace,
+    reload: Callable[[], ProxyConfig],
+    notice: str | None = None,
 ) -> int:
-    """Serve `config` until a terminating signal; returns the exit status."""
-    return anyio.run(_serve, config, args, reload, backend_options=_backend_options())
+    """Serve `config` until a terminating signal; returns the exit status.
+
+    `notice` goes to stderr once the listeners are up (never before a start-up error).
+    """
+    return anyio.run(_serve, config, args, reload, notice, backend_options=_backend_options())
 
 
 async def _serve(
-    config: ProxyConfig, args: argparse.Namespace, reload: Callable[[], ProxyConfig]
+    config: ProxyConfig,
+    args: argparse.Namespace,
+    reload: Callable[[], ProxyConfig],
+    notice: str | None = None,
 ) -> int:
     home = Path(args.home) if args.home else default_home()
     proxy = await NetworkProxy.builder().config(config).home(home).reloader(reload).build()
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with proxy.run() as handle:
             line = ready_line(handle, getattr(proxy, "admin_token", None))
+            if notice:
+                print(notice, file=sys.stderr, flush=True)
             if args.ready_file:  # first, so whoever reads stdout finds the file too
                 _write_atomic(Path(args.ready_file), line)
             print(line, flush=True)

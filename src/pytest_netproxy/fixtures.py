@@ -69,7 +69,7 @@ class _Session:
             sinks=sinks,
             audit_fields={"netproxy.test_id": test_id},
         )
-        return NetproxyHandle(proxy, ca=self.ca, test_id=test_id, strict=strict)
+        return NetproxyHandle(proxy, ca=self.ca, test_id=test_id, strict=strict, home=self.home)
 
 
 def _fail(message: str) -> NoReturn:

@@ -56,11 +56,14 @@ class NetproxyHandle:
         ca: CertificateAuthority,
         test_id: str,
         strict: bool = False,
+        home: Path | None = None,
     ) -> None:
         self.proxy = proxy
         self.test_id = test_id
         self.strict = strict
         self._ca = ca
+        self._home = home
+        self._ca_files: tuple[Path, Path] | None = None
         self._fakes: list[FakeHost] = []
         self._children: list[subprocess.Popen[Any]] = []
         self._expected: list[Expectation] = []
@@ -87,11 +90,25 @@ class NetproxyHandle:
 
     @property
     def ca_cert_path(self) -> Path | None:
-        return self.proxy.ca_cert_path
+        files = self._session_ca_files()
+        return self.proxy.ca_cert_path or (files[0] if files else None)
 
     @property
     def ca_bundle_path(self) -> Path | None:
-        return self.proxy.ca_bundle_path
+        files = self._session_ca_files()
+        return self.proxy.ca_bundle_path or (files[1] if files else None)
+
+    def _session_ca_files(self) -> tuple[Path, Path] | None:
+        """The session CA's public files for a proxy without a CA of its own (``mitm=False``).
+
+        Fake hosts' certificates come from the session CA, so children must trust it even
+        when nothing is intercepted (SPEC §9: the plugin's proxies always have a CA).
+        """
+        if self.proxy.ca_cert_path is not None or self._home is None:
+            return None
+        if self._ca_files is None:
+            self._ca_files = self._ca.write_public_files(self._home, self.config.upstream_ca_files)
+        return self._ca_files
 
     @property
     def config(self) -> ProxyConfig:
@@ -111,7 +128,7 @@ class NetproxyHandle:
         start = dict(strip_managed_env(os.environ) if base is None else base)
         start.update(self._credentials)
         return child_env(
-            self.proxy,
+            self,
             start,
             socks=socks,
             allow_local_binding=self.config.allow_local_binding,
@@ -131,9 +148,10 @@ class NetproxyHandle:
             kwargs.setdefault("capture_output", True)
         kwargs.setdefault("text", True)
         kwargs.setdefault("timeout", _RUN_TIMEOUT)
+        kwargs.setdefault("check", False)
         if isolate:
-            return self._isolated().run(args, check=False, **kwargs)
-        return subprocess.run(args, check=False, **kwargs)
+            return self._isolated().run(args, **kwargs)
+        return subprocess.run(args, **kwargs)
 
     def popen(
         self, args: Sequence[str] | str, *, isolate: bool = False, **kwargs: Any

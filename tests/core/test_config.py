@@ -995,7 +995,7 @@ def test_network_key_at_top_level_is_an_error_naming_the_right_table(tmp_path: P
     assert "[permissions.<profile>.network]" in str(info.value)
 
 
-def test_unrelated_top_level_keys_are_ignored(tmp_path: Path) -> None:
+def test_unrelated_top_level_keys_in_a_file_are_ignored(tmp_path: Path) -> None:
     config = tmp_path / "shared.toml"
     config.write_text('model = "x"\n[permissions.ws.network.domains]\n"a.example" = "allow"\n')
     assert load_config([config], profile="ws").allowed_patterns == ("a.example",)

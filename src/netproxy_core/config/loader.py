@@ -436,7 +436,10 @@ def _build(layers: Sequence[tuple[Raw, str]], profile: str | None) -> ProxyConfi
     if name in merged:
         raw = _resolve(name, merged, label)
     elif name in BUILTIN_PROFILES:
-        base = _resolve(default, merged, label) if default in merged else {}
+        # The overlay goes on the file's default profile: `default_permissions`, else the
+        # file's own `full` profile when it defines one (SPEC §2.1).
+        base_name = default or "full"
+        base = _resolve(base_name, merged, label) if base_name in merged else {}
         raw = BUILTIN_PROFILES[name](base)
     else:
         known = sorted(set(merged) | set(BUILTIN_PROFILES))

@@ -29,6 +29,7 @@ from ..policy.blocked import render_blocked
 from ..policy.engine import deny
 from ..policy.model import NetworkDecision, NetworkPolicyRequest, Protocol, Reason, Scope, Source
 from ..proto.http_head import (
+    DEFAULT_PORTS,
     Connect,
     Forward,
     Reject,
@@ -43,7 +44,7 @@ from ..proto.http_head import (
 from .context import ProxyContext
 from .decide import Check, decide, refuse
 from .origin import Origin, open_origin
-from .tunnel import Established, TunnelTarget, run_tunnel
+from .tunnel import Established, TunnelTarget, mitm_unavailable, run_tunnel
 from .unix import UNIX_SOCKET_HEADER, serve_unix_request
 
 __all__ = ["InnerTarget", "RequestHook", "serve_http_client"]
@@ -103,6 +104,7 @@ class HttpSession:
         self._head_bytes = 0
         self._head_newline = False
         self._line_bytes = 0  # bytes of the request line seen so far (414 detection)
+        self._raw_head: list[bytes] = []  # bytes read for the current head (error recovery)
 
     def __repr__(self) -> str:
         return (
@@ -127,6 +129,7 @@ class HttpSession:
             if self.conn.their_state is h11.IDLE:
                 self._head_bytes += len(data)
                 self._note_line(data)
+                self._raw_head.append(data)
             self.conn.receive_data(data)
 
     def _note_line(self, data: bytes) -> None:
@@ -139,6 +142,8 @@ class HttpSession:
         """The next request head; None when the connection should just close."""
         ctx, limits = self.ctx, self.ctx.limits
         self._head_bytes, self._head_newline, self._line_bytes = 0, False, 0
+        pipelined = self.conn.trailing_data[0]
+        self._raw_head = [pipelined] if pipelined else []
         event = self.conn.next_event()
         if event is not h11.NEED_DATA:
             return event  # type: ignore[return-value]
@@ -159,6 +164,7 @@ class HttpSession:
             return None
         self._head_bytes = len(data)
         self._note_line(data)
+        self._raw_head.append(data)
         self.conn.receive_data(data)
         event = self.conn.next_event()
         if event is not h11.NEED_DATA:
@@ -173,13 +179,19 @@ class HttpSession:
         try:
             while True:
                 try:
-                    event = await self._read_head(first)
+                    try:
+                        event = await self._read_head(first)
+                    except h11.RemoteProtocolError as exc:
+                        event = self._recover_head(exc)
                 except TimeoutError:
                     if self._head_bytes:
                         await self._send_simple(408, "request head not received in time")
                     return
                 except h11.RemoteProtocolError as exc:
                     status = exc.error_status_hint
+                    if status == 501 and _has_content_length(b"".join(self._raw_head)):
+                        await self._send_simple(400, _TE_AND_CL)
+                        return
                     if self._line_bytes > self.ctx.limits.max_header_bytes or (
                         status == 431 and not self._head_newline
                     ):
@@ -205,12 +217,34 @@ class HttpSession:
         finally:
             await self._close_origin()
 
+    def _recover_head(self, exc: h11.RemoteProtocolError) -> h11.Event | type[h11.PAUSED]:
+        """Accept an HTTP/1.1 CONNECT or absolute-form request without `Host` (SPEC §5.2).
+
+        h11 insists on `Host` for HTTP/1.1, but a proxy request names its host in the target;
+        the head is re-parsed with `Host` set to the target's authority (so §5.3 holds).
+        Anything else re-raises `exc`.
+        """
+        raw = b"".join(self._raw_head)
+        end = raw.find(b"\n")
+        authority = _target_authority(raw[:end]) if end > 0 else None
+        if str(exc) != "Missing mandatory Host: header" or authority is None:
+            raise exc
+        conn = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self.ctx.limits.max_header_bytes
+        )
+        conn.receive_data(raw[: end + 1] + b"Host: " + authority + b"\r\n" + raw[end + 1 :])
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            raise exc
+        self.conn = conn
+        return event  # type: ignore[return-value]
+
     async def _handle(self, request: h11.Request) -> bool:
         """Serve one request; False = close the connection afterwards."""
         headers = list(request.headers)
         has_te = header_value(headers, b"transfer-encoding") is not None
         if has_te and header_value(headers, b"content-length") is not None:
-            await self._send_simple(400, "request has both Transfer-Encoding and Content-Length")
+            await self._send_simple(400, _TE_AND_CL)
             return False
         token = self.ctx.config.proxy_auth_token
         if self.inner is None and token and not check_proxy_auth(headers, token):
@@ -307,9 +341,9 @@ class HttpSession:
             check = functools.partial(self.inner.check, request, self.inner)
         elif self.inner is None and _hooked(ctx, target.host):
             check = _mitm_required
+        if upgrade and ctx.config.mode is Mode.LIMITED:  # SPEC §4.5; one request, one event
+            check = functools.partial(_upgrade_refused, check)
         decision = await decide(ctx, req, check=check)
-        if decision.allowed and upgrade and ctx.config.mode is Mode.LIMITED:
-            decision = refuse(ctx, req, Reason.METHOD_NOT_ALLOWED)
         if decision.allowed and self.inner is not None and self.inner.hook is not None:
             outcome = await self.inner.hook(request, self.inner)
             if isinstance(outcome, NetworkDecision):
@@ -552,7 +586,8 @@ class HttpSession:
         tunnel = TunnelTarget(target.host, target.port, Protocol.HTTPS_CONNECT, self.client_addr)
         if not isinstance(await self._next_event(), h11.EndOfMessage):
             return
-        decision = await decide(self.ctx, tunnel.request("CONNECT"))
+        check = mitm_unavailable(self.ctx, target.host)
+        decision = await decide(self.ctx, tunnel.request("CONNECT"), check=check)
         if not decision.allowed:
             await self._send_blocked_text(decision, target)
             return
@@ -667,6 +702,33 @@ class _upstream_io:
         return False
 
 
+_TE_AND_CL = "request has both Transfer-Encoding and Content-Length"
+
+
+def _has_content_length(raw: bytes) -> bool:
+    """The raw request head has a Content-Length field (TE + CL is 400, not 501: SPEC §5.1)."""
+    head = raw.partition(b"\r\n\r\n")[0]
+    return any(
+        line.lstrip().lower().startswith(b"content-length") for line in head.split(b"\n")[1:]
+    )
+
+
+def _target_authority(line: bytes) -> bytes | None:
+    """The authority named by a CONNECT or absolute-form request line, else None."""
+    parts = line.rstrip(b"\r").split(b" ")
+    if len(parts) != 3:
+        return None
+    method, target, _ = parts
+    if method == b"CONNECT":
+        return target
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower().decode("latin-1") not in DEFAULT_PORTS:
+        return None
+    for stop in (b"/", b"?", b"#"):
+        rest = rest.partition(stop)[0]
+    return rest
+
+
 def _bodiless(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     """The request has no body: no Transfer-Encoding and no non-zero Content-Length."""
     for name, value in headers:
@@ -689,6 +751,13 @@ def _hooked(ctx: ProxyContext, host: str) -> bool:
 def _mitm_required() -> NetworkDecision:
     """Plain HTTP to a host with MITM hooks (SPEC §7.5)."""
     return deny(Reason.MITM_REQUIRED, Source.MODE_GUARD, Scope.NON_DOMAIN)
+
+
+def _upgrade_refused(check: Check | None) -> NetworkDecision:
+    """Limited mode refuses `Upgrade` requests, after any other handler-level check."""
+    return (check() if check is not None else None) or deny(
+        Reason.METHOD_NOT_ALLOWED, Source.MODE_GUARD, Scope.NON_DOMAIN
+    )
 
 
 def _protocol_error_text(status: int, exc: Exception | None) -> str:

@@ -42,8 +42,8 @@ import anyio.abc
 from ..config.model import Mode
 from ..errors import InvalidHost, UpstreamError
 from ..hosts import IPAddress, canonicalize_host, parse_ip
-from ..policy.engine import find_route
-from ..policy.model import NetworkDecision, NetworkPolicyRequest, Protocol, Reason
+from ..policy.engine import deny, find_route
+from ..policy.model import NetworkDecision, NetworkPolicyRequest, Protocol, Reason, Scope, Source
 from ..proto.socks5 import (
     ConnectRequest,
     NeedData,
@@ -55,8 +55,8 @@ from ..proto.socks5 import (
     parse_udp_datagram,
 )
 from .context import ProxyContext
-from .decide import decide, refuse
-from .tunnel import Established, TunnelTarget, run_tunnel
+from .decide import Check, decide, refuse
+from .tunnel import Established, TunnelTarget, mitm_unavailable, run_tunnel
 
 __all__ = ["reply_code_for", "serve_socks_client"]
 
@@ -194,16 +194,15 @@ async def _connect(
     policy_request = NetworkPolicyRequest(
         Protocol.SOCKS5_TCP, request.host, request.port, None, client_addr
     )
-    decision = await decide(ctx, policy_request)
+    # The limited-mode port guard runs inside `decide`: one connection, one event (SPEC §4.2).
+    limited = ctx.config.mode is Mode.LIMITED and request.port != 443
+    check = _method_not_allowed if limited else _mitm_unavailable(ctx, request.host)
+    decision = await decide(ctx, policy_request, check=check)
     if not decision.allowed:
         await _answer(stream, machine, ReplyCode.NOT_ALLOWED)
         return
     host = canonicalize_host(request.host)  # valid: the policy allowed it
     target = TunnelTarget(host, request.port, Protocol.SOCKS5_TCP, client_addr)
-    if ctx.config.mode is Mode.LIMITED and request.port != 443:
-        refuse(ctx, target.request(), Reason.METHOD_NOT_ALLOWED)
-        await _answer(stream, machine, ReplyCode.NOT_ALLOWED)
-        return
 
     async def reply(outcome: Established | UpstreamError | NetworkDecision) -> None:
         if isinstance(outcome, Established):
@@ -215,6 +214,18 @@ async def _connect(
         await _answer(stream, machine, reply_code_for(outcome))
 
     await run_tunnel(ctx, stream, target, decision, reply, leftover=machine.leftover)
+
+
+def _mitm_unavailable(ctx: ProxyContext, raw_host: str) -> Check | None:
+    try:
+        return mitm_unavailable(ctx, canonicalize_host(raw_host))
+    except InvalidHost:
+        return None  # `decide` refuses it as invalid_host
+
+
+def _method_not_allowed() -> NetworkDecision:
+    """Limited mode: SOCKS5 TCP to a port other than 443 (SPEC §4.5)."""
+    return deny(Reason.METHOD_NOT_ALLOWED, Source.MODE_GUARD, Scope.NON_DOMAIN)
 
 
 # --- UDP ASSOCIATE ------------------------------------------------------------------------

@@ -20,13 +20,21 @@ from ..errors import InvalidHost, UpstreamError
 from ..hosts import canonicalize_host
 from ..net.relay import relay
 from ..net.streams import ReplayStream, peek
+from ..policy.engine import deny
 from ..policy.model import NetworkDecision, NetworkPolicyRequest, Protocol, Reason, Scope, Source
 from ..proto.tls_peek import FirstBytes, classify_first_bytes, parse_client_hello
 from .context import ProxyContext
 from .decide import refuse
 from .origin import open_origin
 
-__all__ = ["Established", "Reply", "TunnelTarget", "interception_required", "run_tunnel"]
+__all__ = [
+    "Established",
+    "Reply",
+    "TunnelTarget",
+    "interception_required",
+    "mitm_unavailable",
+    "run_tunnel",
+]
 
 log = logging.getLogger("netproxy.proxy")
 
@@ -62,6 +70,18 @@ def interception_required(ctx: ProxyContext, host: str) -> bool:
     """Limited mode, or the host has MITM hooks (SPEC §7.3)."""
     config = ctx.config
     return config.mode is Mode.LIMITED or any(h.host == host for h in config.mitm.hooks)
+
+
+def mitm_unavailable(ctx: ProxyContext, host: str) -> Callable[[], NetworkDecision] | None:
+    """A `decide` check refusing ``mitm_required`` when interception is required for `host`
+    but this proxy cannot intercept (SPEC §7.3): the tunnel's one audited decision."""
+    if ctx.intercept is not None or not interception_required(ctx, host):
+        return None
+    return _mitm_required
+
+
+def _mitm_required() -> NetworkDecision:
+    return deny(Reason.MITM_REQUIRED, Source.MODE_GUARD, Scope.NON_DOMAIN)
 
 
 def interception_wanted(ctx: ProxyContext, host: str) -> bool:

@@ -9,6 +9,7 @@ the process's ``NO_PROXY`` matches (curl's rules). Policy is decided before rout
 from __future__ import annotations
 
 import base64
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from ..hosts import format_host_port, parse_ip
 from .dial import dial_addresses, upstream_errors
 
 __all__ = ["UpstreamProxies", "UpstreamProxy", "open_connect_tunnel"]
+
+log = logging.getLogger("netproxy.proxy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +60,15 @@ def _parse(value: str) -> UpstreamProxy | None:
 
 
 def _first(env: Mapping[str, str], *names: str) -> UpstreamProxy | None:
+    """The first usable value: empty, unparsable and non-HTTP values (``socks5://``) are
+    skipped, so a SOCKS ``ALL_PROXY`` or an empty ``HTTPS_PROXY`` does not hide the next one."""
     for name in names:
         for key in (name.upper(), name.lower()):
-            if key in env:
-                return _parse(env[key])
+            proxy = _parse(env.get(key, ""))
+            if proxy is not None:
+                return proxy
+            if env.get(key, "").strip():
+                log.warning("ignoring %s: not an http:// proxy URL", key)
     return None
 
 
