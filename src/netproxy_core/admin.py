@@ -35,8 +35,8 @@ import anyio
 import anyio.abc
 import h11
 
-from .config.addresses import format_addr, is_loopback_host, parse_listen_addr
-from .config.model import Access, ProxyConfig
+from .config.addresses import bind_addr
+from .config.model import ProxyConfig
 from .errors import NetproxyError
 from .patterns import compile_pattern
 
@@ -116,21 +116,14 @@ def admin_bind_addr(config: ProxyConfig) -> tuple[str, int]:
     clamped whenever unix sockets are enabled, whatever the flag says.
     """
     assert config.admin_url is not None
-    host, port = parse_listen_addr(config.admin_url, DEFAULT_ADMIN_PORT)
-    unix = config.dangerously_allow_all_unix_sockets or any(
-        a is Access.ALLOW for _, a in config.unix_sockets
+    return bind_addr(
+        config.admin_url,
+        DEFAULT_ADMIN_PORT,
+        what="admin API",
+        allow_non_loopback=config.dangerously_allow_non_loopback_admin,
+        flag="dangerously_allow_non_loopback_admin",
+        unix=config.unix_sockets_enabled,
     )
-    if not is_loopback_host(host) and (unix or not config.dangerously_allow_non_loopback_admin):
-        log.warning(
-            "admin API address %s is not loopback; binding 127.0.0.1:%d instead%s",
-            format_addr(host, port),
-            port,
-            " (unix sockets are enabled)"
-            if unix
-            else " (set dangerously_allow_non_loopback_admin to keep it)",
-        )
-        host = "127.0.0.1"
-    return host, port
 
 
 # --- the API ------------------------------------------------------------------------------

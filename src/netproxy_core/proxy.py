@@ -23,9 +23,9 @@ import anyio.abc
 from .audit import AuditBus, BlockedRecord, EventSink, PolicyDecisionEvent
 from .broker import CredentialBroker
 from .certs import CertificateAuthority
-from .config.addresses import format_addr, is_loopback_host, parse_listen_addr
+from .config.addresses import bind_addr, format_addr
 from .config.loader import load_config
-from .config.model import Access, Mode, ProxyConfig
+from .config.model import Mode, ProxyConfig
 from .errors import ConfigError
 from .handlers.context import Decider, ProxyContext
 from .handlers.decide import decide
@@ -382,22 +382,15 @@ class NetworkProxy:
         return _RunCall(self)
 
     def _bind_addr(self, value: str, default_port: int) -> tuple[str, int]:
-        host, port = parse_listen_addr(value, default_port)
         config = self.config
-        unix = config.dangerously_allow_all_unix_sockets or any(
-            a is Access.ALLOW for _, a in config.unix_sockets
+        return bind_addr(
+            value,
+            default_port,
+            what="listener",
+            allow_non_loopback=config.dangerously_allow_non_loopback_proxy,
+            flag="dangerously_allow_non_loopback_proxy",
+            unix=config.unix_sockets_enabled,
         )
-        if not is_loopback_host(host) and (unix or not config.dangerously_allow_non_loopback_proxy):
-            log.warning(
-                "listener address %s is not loopback; binding 127.0.0.1:%d instead%s",
-                format_addr(host, port),
-                port,
-                " (unix sockets are enabled)"
-                if unix
-                else " (set dangerously_allow_non_loopback_proxy to keep it)",
-            )
-            host = "127.0.0.1"
-        return host, port
 
     @asynccontextmanager
     async def _serving(self) -> AsyncIterator[ProxyHandle]:

@@ -45,12 +45,18 @@ def wait_fds_back(baseline: int, slack: int = 8, deadline: float = 10.0) -> int:
     return now
 
 
+WANT_FDS = 6000
+_HARD_FDS = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+pytestmark = pytest.mark.skipif(
+    _HARD_FDS != resource.RLIM_INFINITY and _HARD_FDS < WANT_FDS,
+    reason=f"RLIMIT_NOFILE hard limit {_HARD_FDS} < {WANT_FDS}: cannot hold 1,000 tunnels",
+)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def enough_fds() -> Iterator[None]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 6000
-    if hard != resource.RLIM_INFINITY and hard < want:
-        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {want}: cannot hold 1,000 tunnels")
+    want = WANT_FDS
     if soft != resource.RLIM_INFINITY and soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     yield

@@ -95,7 +95,7 @@ def test_classify_only_returns_forward_connect_or_reject(
     assert isinstance(result, (Forward, Connect, Reject))
     if isinstance(result, (Forward, Connect)):
         assert canonicalize_host(result.host) == result.host  # canonical, and stays so
-        assert 1 <= result.port <= 65535
+        assert result.port in range(1, 65536)
     if isinstance(result, Connect):
         assert method == b"CONNECT"
     if isinstance(result, Forward):

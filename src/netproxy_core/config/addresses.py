@@ -7,10 +7,12 @@ a name happens to resolve to.
 
 from __future__ import annotations
 
+import logging
+
 from ..errors import ConfigError, InvalidHost
 from ..hosts import canonicalize_host, parse_ip, split_host_port
 
-__all__ = ["format_addr", "is_loopback_host", "parse_listen_addr"]
+__all__ = ["bind_addr", "format_addr", "is_loopback_host", "parse_listen_addr"]
 
 
 def parse_listen_addr(value: str, default_port: int) -> tuple[str, int]:
@@ -39,6 +41,34 @@ def parse_listen_addr(value: str, default_port: int) -> tuple[str, int]:
             f"listener address {value!r} names host {canonical!r}; use an IP address or localhost"
         )
     return canonical, default_port if port is None else port
+
+
+log = logging.getLogger("netproxy.proxy")
+
+
+def bind_addr(
+    value: str, default_port: int, *, what: str, allow_non_loopback: bool, flag: str, unix: bool
+) -> tuple[str, int]:
+    """Where a listener binds: `value` parsed, clamped to 127.0.0.1 (same port, with a warning)
+    unless it is loopback or `allow_non_loopback` is set — and always clamped when unix
+    sockets are enabled (SPEC §5.6).
+
+    Args:
+        what: the listener, for the warning ("listener", "admin API").
+        flag: the config key that would keep a non-loopback address.
+        unix: unix-socket forwarding is enabled.
+    """
+    host, port = parse_listen_addr(value, default_port)
+    if not is_loopback_host(host) and (unix or not allow_non_loopback):
+        log.warning(
+            "%s address %s is not loopback; binding 127.0.0.1:%d instead%s",
+            what,
+            format_addr(host, port),
+            port,
+            " (unix sockets are enabled)" if unix else f" (set {flag} to keep it)",
+        )
+        host = "127.0.0.1"
+    return host, port
 
 
 def is_loopback_host(ip: str) -> bool:

@@ -162,6 +162,13 @@ class ProxyConfig:
         return tuple(p for p, a in self.domains if a == Access.DENY)
 
     @property
+    def unix_sockets_enabled(self) -> bool:
+        """Some unix socket may be used (§5.6): every listener is then forced to loopback."""
+        return self.dangerously_allow_all_unix_sockets or any(
+            a == Access.ALLOW for _, a in self.unix_sockets
+        )
+
+    @property
     def mitm_possible(self) -> bool:
         """Interception can happen (MITM not switched off)."""
         return self.mitm.enabled is not False
