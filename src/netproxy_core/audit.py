@@ -317,12 +317,15 @@ class SinkDispatcher:
     On overflow events are dropped and counted (`dropped`), never waited for.
 
     A quick sink still sees each event before the request goes on: when nothing is queued
-    ahead of it, the emitter waits up to `sync_wait` seconds for the delivery. A sink that
-    misses that deadline `max_misses` times is never waited for again, so a slow or stuck
-    sink costs the event loop at most ``sync_wait * max_misses`` in total.
+    ahead of it, the emitter waits for the delivery. Only the sink's own slowness counts: once
+    its callback has run for `sync_wait` seconds the wait ends, and a sink that is that slow
+    `max_misses` times is never waited for again, so a slow or stuck sink costs the event loop
+    at most ``sync_wait * max_misses`` in total. Waiting for a busy machine to schedule the
+    sink thread at all is bounded by `schedule_wait`.
     """
 
     sync_wait: Final = 0.05
+    schedule_wait: Final = 1.0
     max_misses: Final = 3
 
     def __init__(self, sink: EventSink, *, maxsize: int = 10_000) -> None:
@@ -333,6 +336,7 @@ class SinkDispatcher:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._misses = 0
+        self._running_since: float | None = None
         self.dropped = 0
 
     def __repr__(self) -> str:
@@ -354,17 +358,32 @@ class SinkDispatcher:
                 self.dropped += 1
                 return
             self._pending += 1
-            wait = self._pending == 1 and self._misses < self.max_misses
-            if wait and not self._cond.wait_for(lambda: self._pending == 0, self.sync_wait):
-                self._misses += 1
+            if self._pending == 1 and self._misses < self.max_misses:
+                self._wait_delivery()
+
+    def _wait_delivery(self) -> None:
+        """Wait (holding `_cond`) until the sink took the event, or proved slow."""
+        deadline = time.monotonic() + self.schedule_wait
+        while self._pending:
+            now = time.monotonic()
+            started = self._running_since
+            if started is not None and now - started >= self.sync_wait:
+                self._misses += 1  # the sink itself is slow
+                return
+            if now >= deadline:
+                return  # the machine did not run the sink thread at all
+            self._cond.wait(min(self.sync_wait, deadline - now))
 
     def _run(self) -> None:
         for event in iter(self._queue.get, None):
+            with self._cond:
+                self._running_since = time.monotonic()
             try:
                 self._sink(event)
             except Exception:
                 _internal.exception("audit sink %r raised; event dropped for it", self._sink)
             with self._cond:
+                self._running_since = None
                 self._pending -= 1
                 self._cond.notify_all()
 

@@ -1,7 +1,9 @@
-"""TOML layering, profile selection and strict validation (SPEC §2).
+"""Load config files: layering, profile selection, conversion to `ProxyConfig` (SPEC §2).
 
 Every user mistake becomes one `ConfigError` whose message names the key, its table and the
-file, and suggests the closest known key. Raw dictionaries never leave this module.
+file, and suggests the closest known key. Raw dictionaries never leave this module and
+`schema.py`, which type-checks each layer's ``network`` table before it is merged.
+Not here: per-key checks of one raw layer (`schema.py`); the built-in overlays (`builtin.py`).
 
 Choices where the spec is silent (documented in docs/configuration.md):
 - Top-level keys other than ``default_permissions`` and ``permissions`` are ignored, and so are
@@ -18,11 +20,11 @@ import difflib
 import logging
 import os
 import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from ..errors import ConfigError, InvalidHost
-from ..hosts import canonicalize_host, format_host_port, parse_ip, split_host_port
+from ..hosts import canonicalize_host
 from ..patterns import PatternKind, compile_pattern
 from .addresses import parse_listen_addr
 from .builtin import BUILTIN_PROFILES
@@ -39,281 +41,23 @@ from .model import (
     OtelConfig,
     ProxyConfig,
 )
+from .schema import NETWORK_KEYS as NETWORK_KEYS  # re-exported: importable from here as before
+from .schema import (
+    SIMPLE_KEYS,
+    Raw,
+    Where,
+    check_network,
+    check_str,
+    check_str_list,
+    check_table,
+    parse_route,
+    quote_key,
+)
+from .schema import parse_ip_text as parse_ip_text  # re-exported, as NETWORK_KEYS
 
 __all__ = ["load_config", "load_config_text", "validate_config"]
 
 log = logging.getLogger("netproxy.config")
-
-Raw = dict[str, Any]
-
-
-class _Where:
-    """Where a value sits: table name and file, for messages."""
-
-    __slots__ = ("file", "table")
-
-    def __init__(self, table: str, file: str) -> None:
-        self.table, self.file = table, file
-
-    def sub(self, key: str) -> _Where:
-        return _Where(f"{self.table}.{_quote(key)}", self.file)
-
-    def error(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(
-            f"`{key}` in [{self.table}] of {self.file} {problem}", key=key, file=self.file
-        )
-
-
-def _quote(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else f'"{key}"'
-
-
-# --- value checkers ---------------------------------------------------------------------
-
-
-def _bool(value: Any, key: str, where: _Where) -> bool:
-    if not isinstance(value, bool):
-        raise where.error(key, f"must be true or false, not {_type(value)}")
-    return value
-
-
-def _str(value: Any, key: str, where: _Where) -> str:
-    if not isinstance(value, str):
-        raise where.error(key, f"must be a string, not {_type(value)}")
-    return value
-
-
-def _seconds(value: Any, key: str, where: _Where) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise where.error(key, "must be a positive number of seconds")
-    return float(value)
-
-
-def _count(value: Any, key: str, where: _Where) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise where.error(key, "must be a positive whole number")
-    return value
-
-
-def _str_list(value: Any, key: str, where: _Where) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise where.error(key, "must be a list of strings")
-    return tuple(value)
-
-
-def _table(value: Any, key: str, where: _Where) -> Raw:
-    if not isinstance(value, dict):
-        raise where.error(key, f"must be a table, not {_type(value)}")
-    return value
-
-
-def _type(value: Any) -> str:
-    names = {
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "a table",
-    }
-    return names.get(type(value), type(value).__name__)
-
-
-def _check_keys(table: Mapping[str, Any], known: Iterable[str], where: _Where) -> None:
-    known = list(known)
-    for key in table:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            hint = f"; did you mean `{close[0]}`?" if close else ""
-            raise ConfigError(
-                f"unknown key `{key}` in [{where.table}] of {where.file}{hint}",
-                key=key,
-                file=where.file,
-            )
-
-
-# --- per-layer schema ---------------------------------------------------------------------
-
-_SIMPLE: Final[dict[str, Callable[[Any, str, _Where], Any]]] = {
-    "enabled": _bool,
-    "proxy_url": _str,
-    "enable_socks5": _bool,
-    "socks_url": _str,
-    "enable_socks5_udp": _bool,
-    "allow_upstream_proxy": _bool,
-    "dangerously_allow_non_loopback_proxy": _bool,
-    "mode": _str,
-    "allow_local_binding": _bool,
-    "dangerously_allow_all_unix_sockets": _bool,
-    "credential_broker": _bool,
-    "dangerously_allow_plaintext_credential_injection": _bool,
-    "upstream_ca_files": _str_list,
-    "admin_url": _str,
-    "admin_token": _str,
-    "dangerously_allow_non_loopback_admin": _bool,
-    "proxy_auth_token": _str,
-    "dangerously_allow_all_domains": _bool,
-    "audit_log": _str,
-    "extends": _str,
-}
-_TABLES: Final = (
-    "domains",
-    "unix_sockets",
-    "mitm",
-    "hosts",
-    "routes",
-    "credential_providers",
-    "limits",
-    "otel",
-)
-NETWORK_KEYS: Final = (*_SIMPLE, *_TABLES)
-_LIMIT_KEYS: Final = {f.name: f.type for f in Limits.__dataclass_fields__.values()}
-_HOOK_KEYS: Final = ("host", "methods", "path_prefixes", "query", "headers", "action")
-_ACTION_KEYS: Final = ("strip_request_headers", "inject_request_headers")
-_INJECT_KEYS: Final = ("name", "secret_env_var", "secret_file", "prefix")
-_PROVIDER_KEYS: Final = ("env", "hosts", "header", "scheme")
-_SCHEMES: Final = ("bearer", "token", "basic", "raw")
-
-
-def _check_network(table: Raw, where: _Where) -> None:
-    """Type-check one layer's network table (values stay raw for merging)."""
-    _check_keys(table, NETWORK_KEYS, where)
-    for key, check in _SIMPLE.items():
-        if key in table:
-            check(table[key], key, where)
-    if "mode" in table and table["mode"] not in ("full", "limited"):
-        raise where.error("mode", f'must be "full" or "limited", not {table["mode"]!r}')
-    for key in ("domains", "unix_sockets"):
-        entries = _table(table.get(key, {}), key, where)
-        for pattern, access in entries.items():
-            if access not in ("allow", "deny", "none"):
-                raise where.sub(key).error(pattern, 'must be "allow", "deny" or "none"')
-        if key == "domains":
-            _check_domains(entries, where.sub(key))
-    _check_mitm(table.get("mitm", {}), where)
-    for name, ips in _table(table.get("hosts", {}), "hosts", where).items():
-        for ip in _str_list(ips, name, where.sub("hosts")):
-            if parse_ip_text(ip) is None:
-                raise where.sub("hosts").error(name, f"has {ip!r}, which is not an IP address")
-    for target, dest in _table(table.get("routes", {}), "routes", where).items():
-        _parse_route(target, _str(dest, target, where.sub("routes")), where.sub("routes"))
-    for pid, spec in _table(
-        table.get("credential_providers", {}), "credential_providers", where
-    ).items():
-        pwhere = where.sub("credential_providers").sub(pid)
-        _check_keys(_table(spec, pid, where.sub("credential_providers")), _PROVIDER_KEYS, pwhere)
-        for key in ("env", "hosts"):
-            if not _str_list(spec.get(key, []), key, pwhere):
-                raise pwhere.error(key, "must list at least one entry")
-        if spec.get("scheme", "bearer") not in _SCHEMES:
-            raise pwhere.error("scheme", f"must be one of {', '.join(_SCHEMES)}")
-        _str(spec.get("header", "authorization"), "header", pwhere)
-    limits = _table(table.get("limits", {}), "limits", where)
-    _check_keys(limits, _LIMIT_KEYS, where.sub("limits"))
-    for key, value in limits.items():
-        checker = _count if key.startswith("max_") else _seconds
-        checker(value, key, where.sub("limits"))
-    otel = _table(table.get("otel", {}), "otel", where)
-    _check_keys(otel, ("enabled", "endpoint", "protocol"), where.sub("otel"))
-    if "enabled" in otel:
-        _bool(otel["enabled"], "enabled", where.sub("otel"))
-
-
-def _check_domains(entries: Raw, where: _Where) -> None:
-    for pattern, access in entries.items():
-        try:
-            compiled = compile_pattern(pattern)
-        except ConfigError as exc:
-            raise ConfigError(
-                f"{exc} in [{where.table}] of {where.file}", key=pattern, file=where.file
-            ) from None
-        if compiled.kind is PatternKind.GLOBAL and access == "deny":
-            raise where.error(pattern, "is a global wildcard, which cannot be a deny entry")
-
-
-def _check_mitm(value: Any, where: _Where) -> None:
-    if isinstance(value, bool):
-        return
-    mitm = _table(value, "mitm", where)
-    mwhere = where.sub("mitm")
-    _check_keys(mitm, ("enabled", "hooks", "actions", "ca"), mwhere)
-    if "enabled" in mitm:
-        _bool(mitm["enabled"], "enabled", mwhere)
-    if "ca" in mitm:
-        ca = _table(mitm["ca"], "ca", mwhere)
-        _check_keys(ca, ("certificate_file", "private_key_file"), mwhere.sub("ca"))
-        for key in ("certificate_file", "private_key_file"):
-            if key not in ca:
-                raise mwhere.sub("ca").error(key, "is required")
-            _str(ca[key], key, mwhere.sub("ca"))
-    for name, hook in _table(mitm.get("hooks", {}), "hooks", mwhere).items():
-        hwhere = mwhere.sub("hooks").sub(name)
-        _check_keys(_table(hook, name, mwhere.sub("hooks")), _HOOK_KEYS, hwhere)
-        for key in ("host", "methods", "path_prefixes", "action"):
-            if key not in hook:
-                raise hwhere.error(key, "is required")
-        host = _str(hook["host"], "host", hwhere)
-        if "*" in host or "?" in host:
-            raise hwhere.error("host", "must be an exact host (no wildcard)")
-        try:
-            canonicalize_host(host)
-        except InvalidHost as exc:
-            raise hwhere.error("host", f"is not a valid host: {exc}") from None
-        for key in ("methods", "path_prefixes", "action"):
-            if not _str_list(hook[key], key, hwhere):
-                raise hwhere.error(key, "must not be empty")
-        for key in ("query", "headers"):
-            for name2, values in _table(hook.get(key, {}), key, hwhere).items():
-                _str_list(values, name2, hwhere.sub(key))
-    for name, action in _table(mitm.get("actions", {}), "actions", mwhere).items():
-        awhere = mwhere.sub("actions").sub(name)
-        _check_keys(_table(action, name, mwhere.sub("actions")), _ACTION_KEYS, awhere)
-        _str_list(action.get("strip_request_headers", []), "strip_request_headers", awhere)
-        injects = action.get("inject_request_headers", [])
-        if not isinstance(injects, list):
-            raise awhere.error("inject_request_headers", "must be a list of tables")
-        for item in injects:
-            _check_inject(_table(item, "inject_request_headers", awhere), awhere)
-
-
-def _check_inject(item: Raw, where: _Where) -> None:
-    iwhere = where.sub("inject_request_headers")
-    _check_keys(item, _INJECT_KEYS, iwhere)
-    _str(item.get("name"), "name", iwhere)
-    sources = [k for k in ("secret_env_var", "secret_file") if k in item]
-    if len(sources) != 1:
-        raise iwhere.error("secret_env_var", "or `secret_file`: exactly one must be given")
-    value = _str(item[sources[0]], sources[0], iwhere)
-    if sources[0] == "secret_file" and not os.path.isabs(value):
-        raise iwhere.error("secret_file", "must be an absolute path")
-
-
-def parse_ip_text(text: str) -> str | None:
-    """Canonical IP literal or None."""
-    try:
-        host = canonicalize_host(text)
-    except InvalidHost:
-        return None
-    return host if parse_ip(host) is not None else None
-
-
-def _parse_route(target: str, dest: str, where: _Where) -> tuple[str, str]:
-    try:
-        host, port = split_host_port(target)
-        canonical = canonicalize_host(host)
-        key = canonical if port is None else format_host_port(canonical, port)
-    except InvalidHost as exc:
-        raise where.error(target, f"is not a valid host[:port]: {exc}") from None
-    try:
-        dhost, dport = split_host_port(dest)
-    except InvalidHost:
-        dhost, dport = dest, None
-    ip = parse_ip_text(dhost)
-    if ip is None or dport is None:
-        raise where.error(target, f"must map to an IP:port, not {dest!r}")
-    return key, f"[{ip}]:{dport}" if ":" in ip else f"{ip}:{dport}"
 
 
 # --- merging and profiles -------------------------------------------------------------------
@@ -375,12 +119,12 @@ def _profiles(doc: Raw, file: str) -> dict[str, Raw]:
         raise ConfigError(f"`permissions` in {file} must be a table", key="permissions", file=file)
     out: dict[str, Raw] = {}
     for name, profile in perms.items():
-        where = _Where(f"permissions.{_quote(name)}", file)
-        profile = _table(profile, name, _Where("permissions", file))
-        network = dict(_table(profile.get("network", {}), "network", where))
+        where = Where(f"permissions.{quote_key(name)}", file)
+        profile = check_table(profile, name, Where("permissions", file))
+        network = dict(check_table(profile.get("network", {}), "network", where))
         if "extends" in profile:
-            network.setdefault("extends", _str(profile["extends"], "extends", where))
-        _check_network(network, where.sub("network"))
+            network.setdefault("extends", check_str(profile["extends"], "extends", where))
+        check_network(network, where.sub("network"))
         out[name] = network
     return out
 
@@ -478,13 +222,11 @@ def _resolve(
 
 
 def _to_config(raw: Raw, profile: str, sources: tuple[str, ...], label: str) -> ProxyConfig:
-    where = _Where(f"permissions.{profile}.network", label)
+    where = Where(f"permissions.{profile}.network", label)
     mitm_raw = raw.get("mitm", {})
     if isinstance(mitm_raw, bool):
         mitm_raw = {"enabled": mitm_raw}
-    routes = tuple(
-        _parse_route(t, d, where.sub("routes")) for t, d in raw.get("routes", {}).items()
-    )
+    routes = tuple(parse_route(t, d, where.sub("routes")) for t, d in raw.get("routes", {}).items())
     hosts: list[tuple[str, tuple[str, ...]]] = []
     for name, ips in raw.get("hosts", {}).items():
         try:
@@ -498,18 +240,22 @@ def _to_config(raw: Raw, profile: str, sources: tuple[str, ...], label: str) -> 
                 label,
             )
             continue
-        addresses = tuple(a for a in (parse_ip_text(ip) for ip in _str_list(ips, name, where)) if a)
+        addresses = tuple(
+            a for a in (parse_ip_text(ip) for ip in check_str_list(ips, name, where)) if a
+        )
         hosts.append((canonical, addresses))
     limits = raw.get("limits", {})
     otel = raw.get("otel", {})
     return ProxyConfig(
         **{
             k: raw[k]
-            for k in _SIMPLE
+            for k in SIMPLE_KEYS
             if k in raw and k not in ("mode", "upstream_ca_files", "extends")
         },
         mode=Mode(raw.get("mode", "full")),
-        upstream_ca_files=_str_list(raw.get("upstream_ca_files", []), "upstream_ca_files", where),
+        upstream_ca_files=check_str_list(
+            raw.get("upstream_ca_files", []), "upstream_ca_files", where
+        ),
         domains=tuple((p, Access(a)) for p, a in raw.get("domains", {}).items() if a != "none"),
         unix_sockets=tuple(
             (p, Access(a)) for p, a in raw.get("unix_sockets", {}).items() if a != "none"
@@ -580,7 +326,7 @@ def validate_config(config: ProxyConfig) -> None:
         ConfigError: naming the key and the config's files.
     """
     label = ", ".join(config.sources) or "the configuration"
-    where = _Where(f"permissions.{config.profile}.network", label)
+    where = Where(f"permissions.{config.profile}.network", label)
     if not isinstance(config.mode, Mode):
         raise where.error("mode", f'must be "full" or "limited", not {config.mode!r}')
     for pattern, access in config.domains:

@@ -1,5 +1,10 @@
-"""HTTP proxy connection driver (SPEC §5): h11 server on the client side, one policy decision
-per request, forwarding with an h11 client, CONNECT hand-off to `tunnel.run_tunnel`.
+"""The per-connection HTTP proxy request loop (SPEC §5): read, check, dispatch, answer.
+
+`HttpSession` is the h11 server for one client: it reads request heads (408 / 414 / 431 / 400
+on bad ones), makes one policy decision per request, answers refusals, hands CONNECT to
+`tunnel.run_tunnel` and allowed requests to `forward.OriginForwarder`. Its public writing helpers
+(`send`, `write`, `respond`, `send_simple`, `upstream_failed`, `drain`, `next_event`) are
+used by `forward.py` and `unix.py`.
 
 The same loop serves requests inside an intercepted TLS tunnel (`inner=InnerTarget`), where
 every request must name the tunnel host and is forwarded over verified TLS (SPEC §7.4).
@@ -10,12 +15,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Literal
 
 import anyio
 import anyio.abc
@@ -23,8 +26,6 @@ import h11
 
 from ..config.model import Mode
 from ..errors import ClientProtocolError, UpstreamError
-from ..hosts import format_host_port
-from ..net.relay import relay
 from ..policy.blocked import render_blocked
 from ..policy.engine import deny
 from ..policy.model import NetworkDecision, NetworkPolicyRequest, Protocol, Reason, Scope, Source
@@ -33,17 +34,14 @@ from ..proto.http_head import (
     Connect,
     Forward,
     Reject,
-    authority_for,
     check_proxy_auth,
     classify,
-    head_size,
     header_value,
     oversize_request,
-    strip_hop_by_hop,
 )
 from .context import ProxyContext
 from .decide import Check, decide, refuse
-from .origin import Origin, open_origin
+from .forward import READ_SIZE, ClientGone, OriginForwarder
 from .tunnel import Established, TunnelTarget, mitm_unavailable, run_tunnel
 from .unix import UNIX_SOCKET_HEADER, serve_unix_request
 
@@ -51,7 +49,6 @@ __all__ = ["InnerTarget", "RequestHook", "serve_http_client"]
 
 log = logging.getLogger("netproxy.proxy")
 
-READ_SIZE = 65536
 MAX_DRAIN = 1 << 20  # body bytes we read and discard after a refusal before closing instead
 
 # Applied to an allowed inner request before forwarding: returns new headers or a refusal.
@@ -73,14 +70,6 @@ class InnerTarget:
     check: Callable[[h11.Request, InnerTarget], NetworkDecision | None] | None = None
 
 
-class _ClientGone(Exception):
-    pass
-
-
-class _Switched(Exception):
-    """The exchange became a relayed protocol switch (101); the connection is done."""
-
-
 class HttpSession:
     """One client connection: reads requests, decides, forwards, answers."""
 
@@ -98,9 +87,7 @@ class HttpSession:
         self.conn = h11.Connection(
             h11.SERVER, max_incomplete_event_size=ctx.limits.max_header_bytes
         )
-        self._origin_key: tuple[object, ...] | None = None
-        self._origin: Origin | None = None
-        self._origin_conn: h11.Connection | None = None
+        self.origins = OriginForwarder(self)
         self._head_bytes = 0
         self._head_newline = False
         self._line_bytes = 0  # bytes of the request line seen so far (414 detection)
@@ -120,7 +107,8 @@ class HttpSession:
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             return b""
 
-    async def _next_event(self) -> h11.Event | type[h11.PAUSED]:
+    async def next_event(self) -> h11.Event | type[h11.PAUSED]:
+        """The client's next h11 event, reading as needed (a broken connection reads as EOF)."""
         while True:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
@@ -170,7 +158,7 @@ class HttpSession:
         if event is not h11.NEED_DATA:
             return event  # type: ignore[return-value]  # the whole head came in one read
         with anyio.fail_after(limits.handshake_timeout):
-            return await self._next_event()
+            return await self.next_event()
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -185,18 +173,18 @@ class HttpSession:
                         event = self._recover_head(exc)
                 except TimeoutError:
                     if self._head_bytes:
-                        await self._send_simple(408, "request head not received in time")
+                        await self.send_simple(408, "request head not received in time")
                     return
                 except h11.RemoteProtocolError as exc:
                     status = exc.error_status_hint
                     if status == 501 and _has_content_length(b"".join(self._raw_head)):
-                        await self._send_simple(400, _TE_AND_CL)
+                        await self.send_simple(400, _TE_AND_CL)
                         return
                     if self._line_bytes > self.ctx.limits.max_header_bytes or (
                         status == 431 and not self._head_newline
                     ):
                         status = 414
-                    await self._send_simple(status, _protocol_error_text(status, exc))
+                    await self.send_simple(status, _protocol_error_text(status, exc))
                     return
                 if not isinstance(event, h11.Request):
                     return
@@ -204,7 +192,7 @@ class HttpSession:
                     event.method, event.target, event.headers, self.ctx.limits.max_header_bytes
                 )
                 if oversize is not None:
-                    await self._send_simple(oversize, _protocol_error_text(oversize, None))
+                    await self.send_simple(oversize, _protocol_error_text(oversize, None))
                     return
                 if not await self._handle(event):
                     return
@@ -212,10 +200,10 @@ class HttpSession:
                     return
                 self.conn.start_next_cycle()
                 first = False
-        except _ClientGone:
+        except ClientGone:
             return
         finally:
-            await self._close_origin()
+            await self.origins.close()
 
     def _recover_head(self, exc: h11.RemoteProtocolError) -> h11.Event | type[h11.PAUSED]:
         """Accept an HTTP/1.1 CONNECT or absolute-form request without `Host` (SPEC §5.2).
@@ -244,11 +232,11 @@ class HttpSession:
         headers = list(request.headers)
         has_te = header_value(headers, b"transfer-encoding") is not None
         if has_te and header_value(headers, b"content-length") is not None:
-            await self._send_simple(400, _TE_AND_CL)
+            await self.send_simple(400, _TE_AND_CL)
             return False
         token = self.ctx.config.proxy_auth_token
         if self.inner is None and token and not check_proxy_auth(headers, token):
-            await self._respond(
+            await self.respond(
                 407,
                 [
                     (b"proxy-authenticate", b'Basic realm="netproxy"'),
@@ -256,7 +244,7 @@ class HttpSession:
                 ],
                 b"netproxy requires proxy authentication\n",
             )
-            return await self._drain()
+            return await self.drain()
         target: Forward | Connect | Reject
         if self.inner is not None:
             target = self._inner_target(request, headers)
@@ -277,7 +265,7 @@ class HttpSession:
                     method,
                 )
                 refuse(self.ctx, req, target.reason, Source.BASELINE_POLICY, Scope.DOMAIN)
-            await self._send_simple(target.status, target.detail)
+            await self.send_simple(target.status, target.detail)
             return False
         if isinstance(target, Connect):
             await self._connect(target)
@@ -327,7 +315,7 @@ class HttpSession:
     ) -> NetworkPolicyRequest:
         return NetworkPolicyRequest(protocol, host, port, method, self.client_addr)
 
-    # --- forwarding ---------------------------------------------------------------------
+    # --- deciding -----------------------------------------------------------------------
 
     async def _forward(
         self, request: h11.Request, headers: list[tuple[bytes, bytes]], target: Forward, method: str
@@ -361,230 +349,17 @@ class HttpSession:
             blocked = render_blocked(
                 decision, host=target.host, port=target.port, protocol=str(protocol), method=method
             )
-            await self._respond(
+            await self.respond(
                 blocked.status, [(k.encode(), v.encode()) for k, v in blocked.headers], blocked.body
             )
-            return await self._drain()
-        try:
-            origin, client = await self._origin_for(target, decision)
-        except UpstreamError as exc:
-            await self._upstream_failed(exc)
-            return await self._drain()
-        out = strip_hop_by_hop(headers, keep_upgrade=upgrade)
-        if header_value(out, b"host") is None:
-            out.insert(0, (b"host", authority_for(target.host, target.port, target.scheme)))
-        if header_value(headers, b"transfer-encoding") is not None:
-            out.append((b"transfer-encoding", b"chunked"))
-        path = target.path
-        if origin.via is not None:
-            path = (
-                f"{target.scheme}://".encode()
-                + authority_for(target.host, target.port, target.scheme)
-                + target.path
-            )
-            if origin.via.authorization:
-                out.append((b"proxy-authorization", origin.via.authorization))
-        bodiless = _bodiless(request.headers)  # the client's framing, not the forwarded headers
-        return await self._exchange(origin, client, request.method, path, out, target, bodiless)
-
-    async def _origin_for(
-        self, target: Forward, decision: NetworkDecision
-    ) -> tuple[Origin, h11.Connection]:
-        key = (target.scheme, target.host, target.port, decision.addresses)
-        if self._origin is not None and self._origin_key == key and self._origin_conn is not None:
-            conn = self._origin_conn
-            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-                conn.start_next_cycle()
-                return self._origin, conn
-        await self._close_origin()
-        origin = await open_origin(self.ctx, target.host, target.port, decision, tls=target.tls)
-        self._origin, self._origin_key = origin, key
-        self._origin_conn = h11.Connection(
-            h11.CLIENT, max_incomplete_event_size=self.ctx.limits.max_header_bytes
-        )
-        return origin, self._origin_conn
-
-    async def _close_origin(self) -> None:
-        if self._origin is not None:
-            origin, self._origin, self._origin_conn, self._origin_key = (
-                self._origin,
-                None,
-                None,
-                None,
-            )
-            with anyio.CancelScope(shield=True):
-                await origin.stream.aclose()
-
-    async def _exchange(
-        self,
-        origin: Origin,
-        client: h11.Connection,
-        method: bytes,
-        path: bytes,
-        headers: list[tuple[bytes, bytes]],
-        target: Forward,
-        bodiless: bool = False,
-    ) -> bool:
-        upstream = origin.stream
-        pending = bytearray()  # response bytes for the client, sent before the next wait
-        response_started = False
-        request = h11.Request(method=method, target=path, headers=headers)
-        try:
-            with _upstream_io(target):
-                # No body: h11 has the end of the request already (a bodiless request never
-                # yields Data); one send to the origin and no body task.
-                if bodiless and isinstance(self.conn.next_event(), h11.EndOfMessage):
-                    await upstream.send(client.send(request) + client.send(h11.EndOfMessage()))
-                    response_started = await self._relay_response(
-                        client, upstream, target, pending, None
-                    )
-                else:
-                    await upstream.send(client.send(request))
-                    body_done = anyio.Event()
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(self._send_body, client, upstream, body_done)
-                        response_started = await self._relay_response(
-                            client, upstream, target, pending, body_done
-                        )
-                        with anyio.fail_after(self.ctx.limits.idle_timeout):
-                            await body_done.wait()
-        except _Switched:
-            return False
-        except UpstreamError as exc:
-            if pending:  # what the client would have had before the failure
-                with contextlib.suppress(_ClientGone):
-                    await self._write(bytes(pending))
-                response_started = True
-            await self._close_origin()
-            if response_started or self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-                return False
-            await self._upstream_failed(exc)
-            return False
-        if client.our_state is not h11.DONE or client.their_state is not h11.DONE:
-            await self._close_origin()
-        return True
-
-    async def _send_body(
-        self, client: h11.Connection, upstream: anyio.abc.ByteStream, body_done: anyio.Event
-    ) -> None:
-        try:
-            while True:
-                event = await self._next_event()
-                if isinstance(event, h11.Data):
-                    await upstream.send(client.send(event))
-                elif isinstance(event, h11.EndOfMessage):
-                    await upstream.send(client.send(h11.EndOfMessage()))
-                    return
-                else:
-                    raise _ClientGone
-        finally:
-            body_done.set()
-
-    async def _relay_response(
-        self,
-        client: h11.Connection,
-        upstream: anyio.abc.ByteStream,
-        target: Forward,
-        pending: bytearray,
-        body_done: anyio.Event | None,
-    ) -> bool:
-        """Forward the origin's response; returns True once its head was queued.
-
-        Writes are batched: everything h11 yields from what has been read so far goes to the
-        client in one send, before the next read (a small response costs one write). The
-        idle timeout bounds each wait for the origin, not the writes to the client.
-        Raises `_Switched` after relaying a protocol switch.
-        """
-        conn = self.conn
-        limit = self.ctx.limits.max_header_bytes
-        idle = self.ctx.limits.idle_timeout
-        started = False
-        with anyio.CancelScope() as scope:
-            while True:
-                event = client.next_event()
-                if event is h11.NEED_DATA:
-                    if pending:
-                        await self._write(bytes(pending))
-                        pending.clear()
-                    scope.deadline = anyio.current_time() + idle
-                    try:
-                        data = await upstream.receive(READ_SIZE)
-                    except anyio.EndOfStream:
-                        data = b""
-                    scope.deadline = math.inf
-                    client.receive_data(data)
-                    continue
-                if isinstance(event, h11.Data):
-                    pending += conn.send(event)
-                    if len(pending) >= READ_SIZE:
-                        await self._write(bytes(pending))
-                        pending.clear()
-                    continue
-                if (
-                    isinstance(event, (h11.Response, h11.InformationalResponse))
-                    and head_size(len(event.reason) + 13, event.headers) > limit
-                ):
-                    raise UpstreamError(f"response head larger than {limit} bytes")
-                if isinstance(event, h11.InformationalResponse):
-                    if event.status_code == 101:
-                        if pending:
-                            await self._write(bytes(pending))
-                            pending.clear()
-                        if body_done is not None:
-                            await body_done.wait()
-                        await self._switch(event, client, upstream)
-                        raise _Switched
-                    if conn.their_http_version == b"1.1":
-                        pending += conn.send(
-                            h11.InformationalResponse(
-                                status_code=event.status_code,
-                                headers=strip_hop_by_hop(event.headers),
-                                reason=event.reason,
-                            )
-                        )
-                    continue
-                if isinstance(event, h11.Response):
-                    started = True
-                    pending += conn.send(
-                        h11.Response(
-                            status_code=event.status_code,
-                            headers=strip_hop_by_hop(event.headers),
-                            reason=event.reason,
-                        )
-                    )
-                elif isinstance(event, h11.EndOfMessage):
-                    pending += conn.send(h11.EndOfMessage())
-                    await self._write(bytes(pending))
-                    pending.clear()
-                    return started
-                else:
-                    raise UpstreamError(f"{target.host} closed the connection mid-response")
-        raise TimeoutError  # the idle deadline passed while waiting for the origin
-
-    async def _switch(
-        self,
-        event: h11.InformationalResponse,
-        client: h11.Connection,
-        upstream: anyio.abc.ByteStream,
-    ) -> None:
-        """Relay a protocol switch (WebSocket) after a 101 (SPEC §5.5)."""
-        await self._send(
-            h11.InformationalResponse(status_code=101, headers=event.headers, reason=event.reason)
-        )
-        from_client, _ = self.conn.trailing_data
-        from_origin, _ = client.trailing_data
-        if from_client:
-            await upstream.send(from_client)
-        if from_origin:
-            await self.stream.send(from_origin)
-        await relay(self.stream, upstream, idle_timeout=self.ctx.limits.idle_timeout)
-        self._origin = None
+            return await self.drain()
+        return await self.origins.forward(request, headers, target, decision, upgrade=upgrade)
 
     # --- CONNECT ------------------------------------------------------------------------
 
     async def _connect(self, target: Connect) -> None:
         tunnel = TunnelTarget(target.host, target.port, Protocol.HTTPS_CONNECT, self.client_addr)
-        if not isinstance(await self._next_event(), h11.EndOfMessage):
+        if not isinstance(await self.next_event(), h11.EndOfMessage):
             return
         check = mitm_unavailable(self.ctx, target.host)
         decision = await decide(self.ctx, tunnel.request("CONNECT"), check=check)
@@ -595,11 +370,11 @@ class HttpSession:
 
         async def reply(outcome: Established | UpstreamError | NetworkDecision) -> None:
             if isinstance(outcome, UpstreamError):
-                await self._upstream_failed(outcome)
+                await self.upstream_failed(outcome)
             elif isinstance(outcome, NetworkDecision):
                 await self._send_blocked_text(outcome, target)
             else:
-                await self._send(
+                await self.send(
                     h11.Response(status_code=200, headers=[], reason=b"Connection established")
                 )
 
@@ -614,7 +389,7 @@ class HttpSession:
             method="CONNECT",
             text=True,
         )
-        await self._respond(
+        await self.respond(
             blocked.status,
             [(k.encode(), v.encode()) for k, v in blocked.headers],
             blocked.body,
@@ -623,82 +398,61 @@ class HttpSession:
 
     # --- writing ------------------------------------------------------------------------
 
-    async def _send(self, event: h11.Event) -> None:
+    async def send(self, event: h11.Event) -> None:
+        """Send one h11 event to the client."""
         data = self.conn.send(event)
         if data:
-            await self._write(data)
+            await self.write(data)
 
-    async def _write(self, data: bytes) -> None:
+    async def write(self, data: bytes) -> None:
+        """Write bytes to the client; `ClientGone` if it went away."""
         try:
             await self.stream.send(data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            raise _ClientGone from None
+            raise ClientGone from None
 
-    async def _respond(
+    async def respond(
         self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, close: bool = False
     ) -> None:
+        """A whole response with a Content-Length (`ClientGone` once a response has begun)."""
         headers = [*headers, (b"content-length", str(len(body)).encode())]
         if close:
             headers.append((b"connection", b"close"))
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            raise _ClientGone
-        await self._send(h11.Response(status_code=status, headers=headers, reason=_phrase(status)))
-        await self._send(h11.Data(data=body))
-        await self._send(h11.EndOfMessage())
+            raise ClientGone
+        await self.send(h11.Response(status_code=status, headers=headers, reason=_phrase(status)))
+        await self.send(h11.Data(data=body))
+        await self.send(h11.EndOfMessage())
 
-    async def _send_simple(
+    async def send_simple(
         self, status: int, text: str, extra: list[tuple[bytes, bytes]] | None = None
     ) -> None:
-        with contextlib.suppress(_ClientGone, h11.LocalProtocolError):
-            await self._respond(
+        """A short text response that closes the connection; a gone client is ignored."""
+        with contextlib.suppress(ClientGone, h11.LocalProtocolError):
+            await self.respond(
                 status,
                 [(b"content-type", b"text/plain; charset=utf-8"), *(extra or [])],
                 text.encode() + b"\n",
                 close=True,
             )
 
-    async def _upstream_failed(self, exc: UpstreamError) -> None:
+    async def upstream_failed(self, exc: UpstreamError) -> None:
+        """Answer 502 / 504 with `x-proxy-error` (SPEC §5.9)."""
         log.info("upstream failure: %s", exc)
-        await self._send_simple(
-            exc.status, str(exc), [(b"x-proxy-error", exc.proxy_error.encode())]
-        )
+        await self.send_simple(exc.status, str(exc), [(b"x-proxy-error", exc.proxy_error.encode())])
 
-    async def _drain(self) -> bool:
+    async def drain(self) -> bool:
         """After answering without forwarding: discard the request body (bounded)."""
         if self.conn.their_state is h11.DONE:
             return True
         seen = 0
         with anyio.move_on_after(self.ctx.limits.handshake_timeout):
             while seen <= MAX_DRAIN:
-                event = await self._next_event()
+                event = await self.next_event()
                 if isinstance(event, h11.Data):
                     seen += len(event.data)
                     continue
                 return isinstance(event, h11.EndOfMessage)
-        return False
-
-
-class _upstream_io:
-    """Map stream errors during an exchange to `UpstreamError` (client errors pass)."""
-
-    def __init__(self, target: Forward) -> None:
-        self.target = target
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> Literal[False]:
-        label = format_host_port(self.target.host, self.target.port)
-        while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-            exc = exc.exceptions[0]
-        if isinstance(exc, (_ClientGone, UpstreamError, _Switched)):
-            raise exc
-        if isinstance(exc, TimeoutError):
-            raise UpstreamError(f"{label} did not answer in time", timeout=True) from exc
-        if isinstance(exc, h11.RemoteProtocolError):
-            raise UpstreamError(f"{label} sent an invalid HTTP response: {exc}") from exc
-        if isinstance(exc, (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)):
-            raise UpstreamError(f"connection to {label} failed: {type(exc).__name__}") from exc
         return False
 
 
@@ -727,14 +481,6 @@ def _target_authority(line: bytes) -> bytes | None:
     for stop in (b"/", b"?", b"#"):
         rest = rest.partition(stop)[0]
     return rest
-
-
-def _bodiless(headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    """The request has no body: no Transfer-Encoding and no non-zero Content-Length."""
-    for name, value in headers:
-        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
-            return False
-    return True
 
 
 def _phrase(status: int) -> bytes:

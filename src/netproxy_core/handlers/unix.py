@@ -62,7 +62,7 @@ async def serve_unix_request(session: HttpSession, request: h11.Request) -> bool
     req = NetworkPolicyRequest(Protocol.UNIX_SOCKET, UNIX_HOST, 0, method, session.client_addr)
     if not SUPPORTED:
         decision = refuse(ctx, req, Reason.UNIX_SOCKET_UNSUPPORTED, Source.PROXY_STATE)
-        await session._send_simple(501, "unix sockets are not supported on this platform")
+        await session.send_simple(501, "unix sockets are not supported on this platform")
         return False
     if not ctx.state.rules.enabled:
         decision = refuse(ctx, req, Reason.PROXY_DISABLED, Source.PROXY_STATE)
@@ -79,15 +79,15 @@ async def serve_unix_request(session: HttpSession, request: h11.Request) -> bool
         blocked = render_blocked(
             decision, host=UNIX_HOST, port=0, protocol=str(Protocol.UNIX_SOCKET), method=method
         )
-        await session._respond(
+        await session.respond(
             blocked.status, [(k.encode(), v.encode()) for k, v in blocked.headers], blocked.body
         )
-        return await session._drain()
+        return await session.drain()
     try:
         stream = await dial_unix(os.path.realpath(path), timeout=ctx.limits.connect_timeout)
     except UpstreamError as exc:
-        await session._upstream_failed(exc)
-        return await session._drain()
+        await session.upstream_failed(exc)
+        return await session.drain()
     out = [(n, v) for n, v in strip_hop_by_hop(headers) if n != UNIX_SOCKET_HEADER]
     if header_value(headers, b"transfer-encoding") is not None:
         out.append((b"transfer-encoding", b"chunked"))
@@ -97,6 +97,8 @@ async def serve_unix_request(session: HttpSession, request: h11.Request) -> bool
     host = header_value(out, b"host") or b"localhost"
     forward = Forward("http", UNIX_HOST, 0, target, host, absolute=False)
     client = h11.Connection(h11.CLIENT, max_incomplete_event_size=ctx.limits.max_header_bytes)
-    keep = await session._exchange(Origin(stream), client, request.method, target, out, forward)
+    keep = await session.origins.exchange(
+        Origin(stream), client, request.method, target, out, forward
+    )
     await stream.aclose()
     return keep
