@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import queue
 import signal
 import stat
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,27 +13,27 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from helpers.origins import Origin
+from helpers.serve import Server, serving
 
 A = "a.example.test"
 B = "b.example.test"
 TOKEN = "ConfiguredAdminToken9x8y7z"
 
 
-def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env.pop("NETPROXY_HOME", None)
-    return env
-
-
 @dataclass
 class Served:
-    proc: subprocess.Popen[str]
-    ready: dict[str, Any]
-    stderr: queue.Queue[str]
+    server: Server
     home: Path
+
+    @property
+    def proc(self) -> subprocess.Popen[str]:
+        return self.server.proc
+
+    @property
+    def ready(self) -> dict[str, Any]:
+        return self.server.ready
 
     @property
     def admin(self) -> str:
@@ -54,63 +50,14 @@ class Served:
 
     def wait_stderr(self, *needles: str) -> str:
         """The next stderr line containing one of `needles` (bounded)."""
-        while True:
-            line = self.stderr.get(timeout=30)
-            if any(n in line for n in needles):
-                return line
+        return self.server.wait_stderr(*needles, timeout=30)
 
 
 @contextmanager
 def serve(tmp_path: Path, *args: str, admin: str | None = "127.0.0.1:0") -> Iterator[Served]:
-    home = tmp_path / "home"
-    cmd = [
-        sys.executable,
-        "-m",
-        "netproxy_core",
-        "serve",
-        "--http-addr",
-        "127.0.0.1:0",
-        "--socks-addr",
-        "127.0.0.1:0",
-        "--home",
-        str(home),
-        *args,
-    ]
-    if admin is not None:
-        cmd += ["--admin-addr", admin]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_clean_env()
-    )
-    err: queue.Queue[str] = queue.Queue()
-    out: queue.Queue[str] = queue.Queue()
-
-    def pump(stream: Any, into: queue.Queue[str]) -> None:
-        for line in stream:
-            into.put(line)
-
-    threads = [
-        threading.Thread(target=pump, args=(proc.stdout, out), daemon=True),
-        threading.Thread(target=pump, args=(proc.stderr, err), daemon=True),
-    ]
-    for t in threads:
-        t.start()
-    try:
-        try:
-            ready = json.loads(out.get(timeout=30))
-        except queue.Empty:
-            proc.kill()
-            pytest.fail("serve printed no ready line: " + "".join(list(err.queue)))
-        yield Served(proc, ready, err, home)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        for t in threads:
-            t.join(5)
+    extra = ("--admin-addr", admin) if admin is not None else ()
+    with serving(tmp_path, *args, *extra) as server:
+        yield Served(server, tmp_path / "home")
 
 
 def _config(path: Path, allow: list[str], extra: str = "") -> Path:
@@ -362,7 +309,7 @@ def test_configured_token_is_used_printed_and_redacted(tmp_path: Path) -> None:
             assert TOKEN not in config.text
         with s.client("not-" + TOKEN) as wrong:
             _assert_json_error(wrong.get("/health"), 401)
-    stderr = "".join(list(s.stderr.queue))
+    stderr = s.server.drain_stderr()
     assert TOKEN not in stderr
 
 

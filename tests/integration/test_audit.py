@@ -14,7 +14,6 @@ import os
 import queue
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -35,6 +34,7 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.sdk._logs import export as otel_export
 
 from helpers.origins import Origin
+from helpers.serve import clean_env, serving
 from netproxy_core import BackgroundProxy, PolicyDecisionEvent, ProxyConfig
 from netproxy_core.config.model import Access
 from netproxy_core.otel import OtelSink
@@ -314,55 +314,11 @@ def test_no_secret_reaches_any_sink(
 # --- the serve process: --audit-log, stdout, OTLP/HTTP --------------------------------------
 
 
-def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env.pop("NETPROXY_HOME", None)
-    return env
-
-
 @contextmanager
-def serve(tmp_path: Path, *args: str) -> Iterator[tuple[dict[str, Any], queue.Queue[str]]]:
+def serve(tmp_path: Path, *args: str) -> Iterator[tuple[dict[str, Any], queue.Queue[str | None]]]:
     """Run `netproxy-core serve` on ephemeral ports; yield (ready line, later stdout lines)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "netproxy_core",
-        "serve",
-        "--http-addr",
-        "127.0.0.1:0",
-        "--socks-addr",
-        "127.0.0.1:0",
-        "--home",
-        str(tmp_path / "home"),
-        *args,
-    ]
-    stderr = open(tmp_path / "serve.stderr", "w")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=_clean_env())
-    lines: queue.Queue[str] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        try:
-            first = lines.get(timeout=30)
-        except queue.Empty:
-            pytest.fail(f"no ready line; stderr: {(tmp_path / 'serve.stderr').read_text()}")
-        yield json.loads(first), lines
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        reader.join(5)
-        stderr.close()
+    with serving(tmp_path, *args) as server:
+        yield server.ready, server.stdout
 
 
 def _get(ready: dict[str, Any], url: str) -> int:
@@ -501,7 +457,7 @@ def test_serve_otel_bad_protocol_exits_2_with_one_line(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env=_clean_env(),
+        env=clean_env(tmp_path / "h"),
     )
     assert result.returncode == 2
     assert result.stdout == ""

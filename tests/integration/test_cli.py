@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,17 +18,10 @@ from typing import Any
 import pytest
 
 from helpers.origins import Origin
+from helpers.serve import CLI, Server, clean_env
 
-EXE = shutil.which("netproxy-core")
-CLI = [EXE] if EXE else [sys.executable, "-m", "netproxy_core"]
 API = "api.example.test"
 READY_KEYS = ["event", "http", "socks", "admin", "admin_token", "ca_cert", "ca_bundle", "pid"]
-
-
-def clean_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env["NETPROXY_HOME"] = str(home)
-    return env
 
 
 def run_cli(*args: str, home: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -51,70 +42,6 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     assert lines[0].startswith("netproxy-core: error: "), lines[0]
     assert "Traceback" not in result.stderr and "usage:" not in result.stderr
     return lines[0]
-
-
-class Server:
-    """`netproxy-core serve …` with the ready line parsed and stderr collected line by line."""
-
-    def __init__(self, args: list[str], home: Path) -> None:
-        self.proc = subprocess.Popen(
-            [*CLI, "serve", "--home", str(home), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=clean_env(home),
-            start_new_session=True,
-        )
-        self.stdout: queue.Queue[str | None] = queue.Queue()
-        self.stderr: queue.Queue[str | None] = queue.Queue()
-        self.stderr_lines: list[str] = []
-        for stream, q in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr)):
-            threading.Thread(target=self._pump, args=(stream, q), daemon=True).start()
-        self.ready_raw = ""
-        self.ready: dict[str, Any] = {}
-
-    @staticmethod
-    def _pump(stream: Any, q: queue.Queue[str | None]) -> None:
-        for line in stream:
-            q.put(line)
-        q.put(None)
-
-    def wait_ready(self, timeout: float = 20) -> dict[str, Any]:
-        line = self.stdout.get(timeout=timeout)
-        assert line is not None, f"serve exited: {self.drain_stderr()}"
-        self.ready_raw = line
-        self.ready = json.loads(line)
-        return self.ready
-
-    def wait_stderr(self, text: str, timeout: float = 20) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            line = self.stderr.get(timeout=max(0.01, deadline - time.monotonic()))
-            assert line is not None, f"serve exited before logging {text!r}: {self.stderr_lines}"
-            self.stderr_lines.append(line)
-            if text in line:
-                return line
-
-    def drain_stderr(self) -> str:
-        try:
-            while (line := self.stderr.get(timeout=2)) is not None:
-                self.stderr_lines.append(line)
-        except queue.Empty:
-            pass
-        return "".join(self.stderr_lines)
-
-    @property
-    def http(self) -> tuple[str, int]:
-        host, _, port = self.ready["http"].rpartition(":")
-        return host, int(port)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            assert stream is not None
-            stream.close()
 
 
 @pytest.fixture
