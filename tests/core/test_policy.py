@@ -828,3 +828,18 @@ def test_invalid_host_message_escapes_control_characters() -> None:
         decision, host="a\r\nx-injected: 1", port=80, protocol="http", text=True
     )
     assert b"\r\nx-injected" not in response.body
+
+
+def test_hooked_hosts_and_route_keys_are_canonical_even_in_code_built_configs() -> None:
+    from netproxy_core.config.model import MitmConfig, MitmHook
+
+    hook = MitmHook(
+        name="h", host="API.GitHub.com.", methods=("GET",), path_prefixes=("/",), action=("a",)
+    )
+    config = ProxyConfig(
+        mitm=MitmConfig(hooks=(hook,)), routes=(("API.Example.TEST:443", "127.0.0.1:9"),)
+    )
+    rules = Rules.from_config(config)
+    assert rules.is_hooked("api.github.com") and not rules.is_hooked("github.com")
+    assert find_route(rules, "api.example.test", 443) == ("127.0.0.1", 9)
+    assert find_route(rules, "api.example.test", 80) is None

@@ -327,7 +327,7 @@ class HttpSession:
         check: Check | None = None
         if self.inner is not None and self.inner.check is not None:
             check = functools.partial(self.inner.check, request, self.inner)
-        elif self.inner is None and _hooked(ctx, target.host):
+        elif self.inner is None and ctx.state.rules.is_hooked(target.host):
             check = _mitm_required
         if upgrade and ctx.config.mode is Mode.LIMITED:  # SPEC §4.5; one request, one event
             check = functools.partial(_upgrade_refused, check)
@@ -488,10 +488,6 @@ def _phrase(status: int) -> bytes:
         return HTTPStatus(status).phrase.encode()
     except ValueError:
         return b""
-
-
-def _hooked(ctx: ProxyContext, host: str) -> bool:
-    return any(h.host == host for h in ctx.config.mitm.hooks)
 
 
 def _mitm_required() -> NetworkDecision:

@@ -68,8 +68,8 @@ class TunnelTarget:
 
 def interception_required(ctx: ProxyContext, host: str) -> bool:
     """Limited mode, or the host has MITM hooks (SPEC §7.3)."""
-    config = ctx.config
-    return config.mode is Mode.LIMITED or any(h.host == host for h in config.mitm.hooks)
+    rules = ctx.state.rules
+    return rules.mode is Mode.LIMITED or rules.is_hooked(host)
 
 
 def mitm_unavailable(ctx: ProxyContext, host: str) -> Callable[[], NetworkDecision] | None:

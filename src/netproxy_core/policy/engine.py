@@ -23,6 +23,7 @@ from ..hosts import (
     is_local_literal,
     is_public_ip,
     parse_ip,
+    split_host_port,
 )
 from ..patterns import PatternSet, compile_pattern
 from .model import Decision, NetworkDecision, Protocol, Reason, Scope, Source
@@ -55,13 +56,14 @@ class Rules:
     deny: PatternSet
     static_hosts: Mapping[str, tuple[IPAddress, ...]] = field(default_factory=dict)
     routes: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+    hooked_hosts: frozenset[str] = frozenset()
 
     @classmethod
     def from_config(cls, config: ProxyConfig) -> Rules:
         routes: dict[str, tuple[str, int]] = {}
         for target, dest in config.routes:
             host, _, port = dest.rpartition(":")
-            routes[target] = (host.strip("[]"), int(port))
+            routes[_route_key(target)] = (host.strip("[]"), int(port))
         return cls(
             enabled=config.enabled,
             mode=config.mode,
@@ -72,7 +74,29 @@ class Rules:
                 name: tuple(ipaddress.ip_address(ip) for ip in ips) for name, ips in config.hosts
             },
             routes=routes,
+            hooked_hosts=frozenset(_canonical_or_lower(h.host) for h in config.mitm.hooks),
         )
+
+    def is_hooked(self, host: str) -> bool:
+        """The canonical host has MITM hooks (SPEC §7.5: always intercepted)."""
+        return host in self.hooked_hosts
+
+
+def _canonical_or_lower(host: str) -> str:
+    try:
+        return canonicalize_host(host)
+    except InvalidHost:
+        return host.strip().lower()
+
+
+def _route_key(target: str) -> str:
+    """`routes` keys in canonical form, also for a `ProxyConfig` built in code."""
+    try:
+        host, port = split_host_port(target)
+        canonical = canonicalize_host(host)
+    except InvalidHost:
+        return target
+    return canonical if port is None else format_host_port(canonical, port)
 
 
 @dataclass(frozen=True, slots=True)
