@@ -17,9 +17,10 @@ import multiprocessing
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from common import receive, split_addr, start_netproxy
 
 BODY = b"x" * 512
 RESPONSE = (
@@ -136,14 +137,7 @@ def download(addr: tuple[str, int], mib: int, via_connect: tuple[str, int] | Non
             assert reply.startswith(b"HTTP/1.1 200"), reply
         start = time.monotonic()
         s.sendall(f"GET /bytes/{n} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
-        got = 0
-        buf = bytearray(1 << 20)
-        view = memoryview(buf)
-        while got < n:
-            k = s.recv_into(view)
-            if not k:
-                break
-            got += k
+        got = receive(s, n)
         elapsed = time.monotonic() - start
     return got / elapsed / 1e6
 
@@ -152,28 +146,10 @@ def download(addr: tuple[str, int], mib: int, via_connect: tuple[str, int] | Non
 
 
 def start_proxy(origin_port: int, home: Path) -> tuple[subprocess.Popen[str], tuple[str, int]]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "netproxy_core",
-        "serve",
-        "--http-addr",
-        "127.0.0.1:0",
-        "--no-socks5",
-        "--allow",
-        HOST,
-        "--route",
-        f"{HOST}={'127.0.0.1'}:{origin_port}",
-        "--home",
-        str(home),
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    ready = json.loads(proc.stdout.readline())
-    host, port = ready["http"].rsplit(":", 1)
-    return proc, (host, int(port))
+    proc, ready = start_netproxy(
+        home, "--no-socks5", "--allow", HOST, "--route", f"{HOST}=127.0.0.1:{origin_port}"
+    )
+    return proc, split_addr(ready["http"])
 
 
 def main() -> None:

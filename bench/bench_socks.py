@@ -19,10 +19,11 @@ import os
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import receive, split_addr, start_netproxy
 
 HOST = "bench.example.test"
 CHUNK = 1 << 20
@@ -86,16 +87,9 @@ def download(origin: tuple[str, int], mib: int, proxy: tuple[str, int] | None) -
     n = mib << 20
     s = socket.create_connection(origin) if proxy is None else socks_connect(proxy, HOST, 80)
     with s:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
         start = time.monotonic()
         s.sendall(struct.pack("!Q", n))
-        got = 0
-        while got < n:
-            k = s.recv_into(view)
-            if not k:
-                break
-            got += k
+        got = receive(s, n)
         elapsed = time.monotonic() - start
     if got != n:
         raise RuntimeError(f"download ended after {got} of {n} bytes")
@@ -106,29 +100,16 @@ def download(origin: tuple[str, int], mib: int, proxy: tuple[str, int] | None) -
 
 
 def start_proxy(origin_port: int, home: Path) -> tuple[subprocess.Popen[str], tuple[str, int]]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "netproxy_core",
-        "serve",
-        "--http-addr",
-        "127.0.0.1:0",
+    proc, ready = start_netproxy(
+        home,
         "--socks-addr",
         "127.0.0.1:0",
         "--allow",
         HOST,
         "--route",
         f"{HOST}=127.0.0.1:{origin_port}",
-        "--home",
-        str(home),
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    ready = json.loads(proc.stdout.readline())
-    host, port = ready["socks"].rsplit(":", 1)
-    return proc, (host.strip("[]"), int(port))
+    )
+    return proc, split_addr(ready["socks"])
 
 
 def main() -> None:
