@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import stat
 import sys
 import threading
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 from opentelemetry.sdk._logs import export as otel_export
 
+from helpers.events import OPTIONAL, REQUIRED, RFC3339_MS_Z
 from netproxy_core.audit import (
     BLOCKED_RING_SIZE,
     RING_SIZE,
@@ -36,23 +36,6 @@ from netproxy_core.policy.model import (
     Scope,
     Source,
 )
-
-REQUIRED = {
-    "event.name",
-    "event.timestamp",
-    "network.policy.scope",
-    "network.policy.decision",
-    "network.policy.source",
-    "network.policy.reason",
-    "network.transport.protocol",
-    "server.address",
-    "server.port",
-    "http.request.method",
-    "client.address",
-    "network.policy.override",
-}
-OPTIONAL = {"netproxy.test_id", "conversation.id", "app.version", "user.account_id"}
-RFC3339_MS_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 ALLOW = NetworkDecision(Decision.ALLOW, Reason.ALLOW, Source.BASELINE_POLICY)
 DENY = NetworkDecision(Decision.DENY, Reason.NOT_ALLOWED, Source.BASELINE_POLICY)

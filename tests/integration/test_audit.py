@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import queue
-import re
 import shutil
 import socket
 import ssl
@@ -33,27 +32,13 @@ import pytest
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.sdk._logs import export as otel_export
 
+from helpers.events import REQUIRED, RFC3339_MS_Z
 from helpers.origins import Origin
 from helpers.serve import clean_env, serving
 from netproxy_core import BackgroundProxy, PolicyDecisionEvent, ProxyConfig
 from netproxy_core.config.model import Access
 from netproxy_core.otel import OtelSink
 
-REQUIRED = {
-    "event.name",
-    "event.timestamp",
-    "network.policy.scope",
-    "network.policy.decision",
-    "network.policy.source",
-    "network.policy.reason",
-    "network.transport.protocol",
-    "server.address",
-    "server.port",
-    "http.request.method",
-    "client.address",
-    "network.policy.override",
-}
-RFC3339_MS_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 ALLOWED = "api.example.test"
 BLOCKED = "other.example.test"
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import httpx
 
+from helpers.events import RFC3339_MS_Z
 from netproxy_core import NetworkProxy, PolicyDecisionEvent, ProxyConfig
 
 BLOCKED = "blocked.example.test"
-RFC3339_MS_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
 async def _sink_lags(home: Path, proxies: int, requests: int) -> tuple[int, PolicyDecisionEvent]:
