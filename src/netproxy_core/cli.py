@@ -20,8 +20,9 @@ import anyio
 from . import __version__
 from .config.loader import load_config
 from .config.model import Access, Mode, ProxyConfig
+from .config.schema import hosts_entry, route_entry
 from .errors import InvalidHost, NetproxyError
-from .hosts import canonicalize_host, format_host_port, split_host_port
+from .hosts import split_host_port
 from .policy.model import NetworkPolicyRequest, Protocol
 
 __all__ = ["main"]
@@ -197,17 +198,9 @@ def _parse_route_flag(text: str) -> tuple[str, str]:
     if not sep:
         raise UsageError(f"--route {text!r}: expected HOST[:PORT]=IP:PORT")
     try:
-        host, port = split_host_port(target)
-        key = canonicalize_host(host)
-        if port is not None:
-            key = format_host_port(key, port)
-        dhost, dport = split_host_port(dest)
-        ip = canonicalize_host(dhost)
-    except InvalidHost as exc:
-        raise UsageError(f"--route {text!r}: {exc}") from None
-    if dport is None or not any(c.isdigit() for c in ip.replace(":", "")):
-        raise UsageError(f"--route {text!r}: the destination must be IP:PORT")
-    return key, format_host_port(ip, dport)
+        return route_entry(target, dest)
+    except ValueError as exc:
+        raise UsageError(f"--route {text!r}: {target!r} {exc}") from None
 
 
 def _parse_resolve_flag(text: str) -> tuple[str, tuple[str, ...]]:
@@ -215,11 +208,9 @@ def _parse_resolve_flag(text: str) -> tuple[str, tuple[str, ...]]:
     if not sep or not ips:
         raise UsageError(f"--resolve {text!r}: expected NAME=IP[,IP]")
     try:
-        canonical = canonicalize_host(name)
-        addresses = tuple(canonicalize_host(ip.strip()) for ip in ips.split(","))
-    except InvalidHost as exc:
-        raise UsageError(f"--resolve {text!r}: {exc}") from None
-    return canonical, addresses
+        return hosts_entry(name, ips.split(","))
+    except ValueError as exc:
+        raise UsageError(f"--resolve {text!r}: {name!r} {exc}") from None
 
 
 # --- commands -----------------------------------------------------------------------------

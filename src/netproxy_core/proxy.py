@@ -24,7 +24,7 @@ from .audit import AuditBus, BlockedRecord, EventSink, PolicyDecisionEvent
 from .broker import CredentialBroker
 from .certs import CertificateAuthority
 from .config.addresses import bind_addr, format_addr
-from .config.loader import load_config
+from .config.loader import load_config, validate_config
 from .config.model import Mode, ProxyConfig
 from .errors import ConfigError
 from .handlers.context import Decider, ProxyContext
@@ -243,6 +243,7 @@ class NetworkProxy:
         audit_fields: dict[str, str] | None = None,
         upstream: UpstreamProxies | None = None,
     ) -> None:
+        validate_config(config)  # a hand-built ProxyConfig gets the loader's checks too
         self.state = RuntimeState(config)
         otel = None
         if config.otel.enabled:

@@ -999,3 +999,19 @@ def test_unrelated_top_level_keys_in_a_file_are_ignored(tmp_path: Path) -> None:
     config = tmp_path / "shared.toml"
     config.write_text('model = "x"\n[permissions.ws.network.domains]\n"a.example" = "allow"\n')
     assert load_config([config], profile="ws").allowed_patterns == ("a.example",)
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        pytest.param({"hosts": (("a.test", ("not-an-ip",)),)}, "a.test", id="hosts-value-not-ip"),
+        pytest.param({"routes": (("a.test", "host1:80"),)}, "a.test", id="route-to-a-name"),
+        pytest.param({"routes": (("a.test", "127.0.0.1"),)}, "a.test", id="route-without-port"),
+    ],
+)
+def test_hosts_and_routes_are_checked_in_code_built_configs(
+    changes: dict[str, object], key: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        ProxyConfig().with_changes(**changes)
+    assert info.value.key == key

@@ -458,3 +458,11 @@ def test_audit_log_to_stdout_after_ready_line(serve: Any, origin: Origin) -> Non
     event = json.loads(server.stdout.get(timeout=10) or "{}")
     assert event["event.name"] == "netproxy.policy_decision"
     assert event["server.address"] == API and event["network.policy.decision"] == "allow"
+
+
+@pytest.mark.parametrize(
+    "flag", ["--resolve=a.test=notanip", "--route=a.test=host1:80", "--route=a.test:80=127.0.0.1"]
+)
+def test_bad_resolve_or_route_flag_is_one_error_line(flag: str, tmp_path: Path) -> None:
+    line = one_error_line(run_cli("check", "--allow", "a.test", flag, "a.test", home=tmp_path))
+    assert "a.test" in line

@@ -50,8 +50,10 @@ from .schema import (
     check_str,
     check_str_list,
     check_table,
+    hosts_entry,
     parse_route,
     quote_key,
+    route_entry,
 )
 from .schema import parse_ip_text as parse_ip_text  # re-exported, as NETWORK_KEYS
 
@@ -329,6 +331,16 @@ def validate_config(config: ProxyConfig) -> None:
     where = Where(f"permissions.{config.profile}.network", label)
     if not isinstance(config.mode, Mode):
         raise where.error("mode", f'must be "full" or "limited", not {config.mode!r}')
+    try:
+        for name, ips in config.hosts:
+            hosts_entry(name, ips)
+    except ValueError as exc:
+        raise where.sub("hosts").error(name, str(exc)) from None
+    try:
+        for target, dest in config.routes:
+            route_entry(target, dest)
+    except ValueError as exc:
+        raise where.sub("routes").error(target, str(exc)) from None
     for pattern, access in config.domains:
         if access not in (Access.ALLOW, Access.DENY):
             raise where.sub("domains").error(pattern, f'must be "allow" or "deny", not {access!r}')

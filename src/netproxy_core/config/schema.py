@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from ..errors import ConfigError, InvalidHost
@@ -26,9 +26,11 @@ __all__ = [
     "check_str",
     "check_str_list",
     "check_table",
+    "hosts_entry",
     "parse_ip_text",
     "parse_route",
     "quote_key",
+    "route_entry",
 ]
 
 Raw = dict[str, Any]
@@ -289,18 +291,53 @@ def parse_ip_text(text: str) -> str | None:
     return host if parse_ip(host) is not None else None
 
 
-def parse_route(target: str, dest: str, where: Where) -> tuple[str, str]:
+def route_entry(target: str, dest: str) -> tuple[str, str]:
+    """One canonical `routes` entry, ``host[:port]`` → ``ip:port`` (config file and flag).
+
+    Raises:
+        ValueError: saying what is wrong with the entry.
+    """
     try:
         host, port = split_host_port(target)
         canonical = canonicalize_host(host)
         key = canonical if port is None else format_host_port(canonical, port)
     except InvalidHost as exc:
-        raise where.error(target, f"is not a valid host[:port]: {exc}") from None
+        raise ValueError(f"is not a valid host[:port]: {exc}") from None
     try:
         dhost, dport = split_host_port(dest)
     except InvalidHost:
         dhost, dport = dest, None
+    if dport is None and dest.count(":") > 1:  # unbracketed IPv6 with a port: "::1:8443"
+        head, _, tail = dest.rpartition(":")
+        if tail.isdigit() and parse_ip_text(head) is not None:
+            dhost, dport = head, int(tail)
     ip = parse_ip_text(dhost)
     if ip is None or dport is None:
-        raise where.error(target, f"must map to an IP:port, not {dest!r}")
-    return key, f"[{ip}]:{dport}" if ":" in ip else f"{ip}:{dport}"
+        raise ValueError(f"must map to an IP:port, not {dest!r}")
+    return key, format_host_port(ip, dport)
+
+
+def hosts_entry(name: str, ips: Sequence[str]) -> tuple[str, tuple[str, ...]]:
+    """One canonical `hosts` entry, name → IP literals (config file and flag).
+
+    Raises:
+        ValueError: saying what is wrong with the entry.
+    """
+    try:
+        canonical = canonicalize_host(name)
+    except InvalidHost as exc:
+        raise ValueError(f"is not a valid host: {exc}") from None
+    addresses = []
+    for ip in ips:
+        address = parse_ip_text(ip.strip())
+        if address is None:
+            raise ValueError(f"has {ip!r}, which is not an IP address")
+        addresses.append(address)
+    return canonical, tuple(addresses)
+
+
+def parse_route(target: str, dest: str, where: Where) -> tuple[str, str]:
+    try:
+        return route_entry(target, dest)
+    except ValueError as exc:
+        raise where.error(target, str(exc)) from None
