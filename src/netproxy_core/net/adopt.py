@@ -1,0 +1,148 @@
+"""Borrow the asyncio transport under an anyio TCP stream, and give it back intact.
+
+The plain-forwarding fast path drives sockets with protocol callbacks (one callback per
+read, writes straight to the transport) instead of anyio's awaitable `receive`/`send`,
+which pause and resume reading around every call and checkpoint on every send. It borrows
+the transport of an anyio asyncio `SocketStream` by installing its own protocol, and hands
+it back — bytes read but not consumed, end-of-file, a lost connection and a paused writer
+all carried over — so the stream then works exactly as if anyio had read those bytes itself.
+
+Only anyio's asyncio backend stream over a TCP transport qualifies (`adoptable`); any other
+stream (TLS, unix, trio) simply never takes the fast path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import anyio.abc
+
+__all__ = ["Adopted", "adoptable", "peer_address"]
+
+try:  # anyio's asyncio backend (private: checked by type, used through three attributes)
+    from anyio._backends._asyncio import SocketStream as _AnyioSocketStream
+    from anyio._backends._asyncio import StreamProtocol as _AnyioProtocol
+except ImportError:  # pragma: no cover - another anyio layout: no fast path
+    _AnyioSocketStream = None  # type: ignore[assignment,misc]
+    _AnyioProtocol = None  # type: ignore[assignment,misc]
+
+HIGH_WATER = 1 << 18  # bytes queued in a transport before its writer is paused
+
+
+def peer_address(stream: anyio.abc.SocketStream) -> tuple[str, int] | None:
+    """The TCP peer of an accepted stream; None for other families or a vanished peer.
+
+    An asyncio transport caches its peer name (anyio's `extra` rebuilds its whole attribute
+    table per call). asyncio and uvloop set TCP_NODELAY on every TCP transport themselves.
+    """
+    if _AnyioSocketStream is not None and type(stream) is _AnyioSocketStream:
+        peer = stream._transport.get_extra_info("peername")
+        return (peer[0], peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else None
+    try:
+        sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        address = sock.getpeername()
+    except (OSError, anyio.TypedAttributeLookupError):
+        return None
+    return str(address[0]), int(address[1])
+
+
+def adoptable(stream: anyio.abc.ByteStream) -> bool:
+    """An anyio asyncio TCP stream whose transport can be borrowed right now."""
+    return (
+        _AnyioSocketStream is not None
+        and type(stream) is _AnyioSocketStream
+        and isinstance(stream._protocol, _AnyioProtocol)
+        and not stream._closed
+        and not stream._transport.is_closing()
+    )
+
+
+class Adopted(asyncio.Protocol):
+    """Base protocol for a borrowed transport: buffered input, EOF, loss, write pausing."""
+
+    transport: asyncio.Transport
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        assert adoptable(stream)
+        self.stream: Any = stream
+        self.transport = stream._transport  # type: ignore[attr-defined]
+        self.buffer = bytearray()
+        self.eof = False
+        self.lost = False
+        self.error: Exception | None = None
+        self.write_paused = False
+        self.adopted = False
+
+    def adopt(self) -> None:
+        """Install this protocol; anything anyio had read already moves into `buffer`."""
+        anyio_protocol = self.stream._protocol
+        queue = anyio_protocol.read_queue
+        while queue:
+            self.buffer += queue.popleft()
+        anyio_protocol.read_event.clear()
+        self.eof = anyio_protocol.is_at_eof
+        self.write_paused = not anyio_protocol.write_event.is_set()
+        self.transport.set_protocol(self)
+        self.transport.set_write_buffer_limits(HIGH_WATER)
+        self.adopted = True
+        if not self.eof:
+            self.transport.resume_reading()
+
+    def restore(self) -> None:
+        """Give the transport back to anyio with our unread bytes in its read queue."""
+        if not self.adopted:
+            return
+        self.adopted = False
+        anyio_protocol = self.stream._protocol
+        if not self.lost:
+            self.transport.pause_reading()
+        self.transport.set_protocol(anyio_protocol)
+        if self.buffer:
+            anyio_protocol.read_queue.append(bytes(self.buffer))
+            self.buffer.clear()
+            anyio_protocol.read_event.set()
+        if self.eof:
+            anyio_protocol.eof_received()
+        if self.lost:
+            anyio_protocol.connection_lost(self.error)
+        elif self.write_paused:
+            anyio_protocol.pause_writing()
+        if not self.lost:
+            self.transport.set_write_buffer_limits(0)
+
+    # --- asyncio.Protocol -----------------------------------------------------------------
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.on_input()
+        return True  # keep the write side open (half-close), as anyio does
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost, self.error = True, exc
+        self.write_paused = False
+        self.on_input()
+        self.on_writable()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.on_write_paused()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.on_writable()
+
+    # --- for subclasses -------------------------------------------------------------------
+
+    def on_input(self) -> None:
+        """New bytes in `buffer`, or EOF, or the connection was lost."""
+
+    def on_write_paused(self) -> None:
+        """The transport holds more than `HIGH_WATER` unsent bytes."""
+
+    def on_writable(self) -> None:
+        """The transport drained below its low-water mark (or the connection was lost)."""

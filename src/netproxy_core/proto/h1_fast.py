@@ -1,0 +1,179 @@
+"""Strict HTTP/1.x head parsing for the plain-forwarding fast path (sans-IO).
+
+The fast path (`handlers/fast_forward.py`) serves the common exchange — a whole request head
+in hand, no request body or a small one, a response framed by `Content-Length` — without h11.
+Everything here accepts a strict *subset* of what h11 accepts: the start lines and header
+fields are matched with h11's own ABNF (RFC 9110/9112), lines must end in CRLF, and framing
+must be unambiguous. Anything else returns None, and the caller hands the connection to the
+h11 path, which then answers exactly as it always has (400, 414, 431, 501, 502, …).
+
+Header names come out lower-cased and values stripped of surrounding whitespace, as h11
+presents them, so the bytes sent on are the same whichever path forwarded them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from .http_head import Headers
+
+__all__ = [
+    "RequestHead",
+    "ResponseHead",
+    "body_length",
+    "find_head_end",
+    "keep_alive",
+    "parse_request_head",
+    "parse_response_head",
+    "serialize_request",
+    "serialize_response_head",
+]
+
+# h11/_abnf.py, verbatim in meaning (RFC 9110 §5.5, RFC 9112 §3, §4).
+_TOKEN: Final = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_FIELD_VCHAR: Final = rb"[^\x00\s]"
+_FIELD_VALUE: Final = rb"(?:" + _FIELD_VCHAR + rb"+(?:[ \t]+" + _FIELD_VCHAR + rb"+)*)?"
+_HEADER: Final = rb"(" + _TOKEN + rb"):[ \t]*(" + _FIELD_VALUE + rb")[ \t]*\r\n"
+_HEADER_BLOCK: Final = re.compile(rb"(?:" + _HEADER + rb")*")
+_HEADER_FIELDS: Final = re.compile(_HEADER)
+_REQUEST_LINE: Final = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/(1\.[01])")
+_STATUS_LINE: Final = re.compile(
+    rb"HTTP/(1\.[01]) ([0-9]{3})(?: ((?:[ \t]|" + _FIELD_VCHAR + rb")*))?"
+)
+_DIGITS: Final = re.compile(rb"[0-9]{1,18}")
+_CRLF: Final = b"\r\n"
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes
+    version: bytes
+    headers: list[tuple[bytes, bytes]]
+    size: int  # bytes of the head on the wire, blank line included
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    version: bytes
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]
+    size: int
+
+
+def find_head_end(data: bytes | bytearray) -> int | None:
+    """Offset just past the head's blank line; None while incomplete or not CRLF-framed.
+
+    A bare-LF blank line before the CRLF one (which h11 would take as the end) is not ours.
+    """
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    if data.find(b"\n\n", 0, end) >= 0 or data.find(b"\n\r\n", 0, end) >= 0:
+        return None
+    return end + 4
+
+
+def _fields(block: bytes) -> list[tuple[bytes, bytes]] | None:
+    """Header fields of `block` (each line CRLF-terminated); None unless all are valid."""
+    if _HEADER_BLOCK.fullmatch(block) is None:
+        return None  # obs-fold, bare CR/LF, NUL, bad name: h11 decides
+    return [(name.lower(), value) for name, value in _HEADER_FIELDS.findall(block)]
+
+
+def _split(head: bytes) -> tuple[bytes, bytes]:
+    """Start line and header block (its lines CRLF-terminated) of a head ending in CRLFCRLF."""
+    line_end = head.find(_CRLF)
+    return head[:line_end], head[line_end + 2 : -2]
+
+
+def parse_request_head(head: bytes) -> RequestHead | None:
+    """`head` is everything up to and including the blank line (see `find_head_end`)."""
+    line, block = _split(head)
+    m = _REQUEST_LINE.fullmatch(line)
+    if m is None:
+        return None
+    headers = _fields(block)
+    if headers is None:
+        return None
+    return RequestHead(m.group(1), m.group(2), m.group(3), headers, len(head))
+
+
+def parse_response_head(head: bytes) -> ResponseHead | None:
+    line, block = _split(head)
+    m = _STATUS_LINE.fullmatch(line)
+    if m is None:
+        return None
+    headers = _fields(block)
+    if headers is None:
+        return None
+    return ResponseHead(m.group(1), int(m.group(2)), m.group(3) or b"", headers, len(head))
+
+
+def body_length(headers: Headers) -> int | None:
+    """The body length one plain `Content-Length` frames; -1 when there is none.
+
+    None for anything the fast path leaves to h11: Transfer-Encoding, repeated or
+    malformed Content-Length.
+    """
+    length = -1
+    for name, value in headers:
+        if name == b"content-length":
+            if length >= 0 or _DIGITS.fullmatch(value) is None:
+                return None
+            length = int(value)
+        elif name == b"transfer-encoding":
+            return None
+    return length
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return tokens
+
+
+def keep_alive(version: bytes, headers: Headers) -> bool:
+    """h11's rule: HTTP/1.1 without `Connection: close`."""
+    if version != b"1.1":
+        return False
+    for name, _ in headers:
+        if name == b"connection":
+            return b"close" not in _connection_tokens(headers)
+    return True
+
+
+def _write_fields(parts: list[bytes], headers: Headers) -> None:
+    """Fields as h11 writes them: `host` first (RFC 9112 §3.2), then the rest in order."""
+    for name, value in headers:
+        if name == b"host":
+            parts += (name, b": ", value, _CRLF)
+    for name, value in headers:
+        if name != b"host":
+            parts += (name, b": ", value, _CRLF)
+
+
+def serialize_request(method: bytes, target: bytes, headers: Headers) -> bytes:
+    """Request head bytes exactly as h11 writes them."""
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    _write_fields(parts, headers)
+    parts.append(_CRLF)
+    return b"".join(parts)
+
+
+def serialize_response_head(status: int, reason: bytes, headers: Headers, *, close: bool) -> bytes:
+    """Response head bytes exactly as h11 writes them for a `Content-Length` response.
+
+    With `close`, h11 adds `Connection: close` (the client asked to close, or is HTTP/1.0).
+    """
+    parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, _CRLF]
+    _write_fields(parts, headers)
+    if close:
+        parts.append(b"Connection: close\r\n")
+    parts.append(_CRLF)
+    return b"".join(parts)
