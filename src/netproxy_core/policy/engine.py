@@ -57,6 +57,10 @@ class Rules:
     static_hosts: Mapping[str, tuple[IPAddress, ...]] = field(default_factory=dict)
     routes: Mapping[str, tuple[str, int]] = field(default_factory=dict)
     hooked_hosts: frozenset[str] = frozenset()
+    # `check_host` verdicts for these rules (pure, so cached; a change builds new Rules).
+    verdicts: dict[tuple[str, int, bool], HostVerdict] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @classmethod
     def from_config(cls, config: ProxyConfig) -> Rules:
@@ -128,13 +132,30 @@ def find_route(rules: Rules, host: str, port: int) -> tuple[str, int] | None:
     return rules.routes.get(format_host_port(host, port)) or rules.routes.get(host)
 
 
+_VERDICT_CACHE_SIZE: Final = 4096
+
+
 def check_host(rules: Rules, raw_host: str, port: int, *, approved: bool = False) -> HostVerdict:
     """Steps 1–4 of SPEC §4.2 for one destination.
+
+    The verdict is a pure function of the rules and its arguments, so it is remembered per
+    `Rules` (every request is still judged by the rules in force; a change makes new Rules).
 
     Args:
         raw_host: the host as received; canonicalised here (step 1).
         approved: a decider allowed it; deny and local rules still apply.
     """
+    key = (raw_host, port, approved)
+    verdict = rules.verdicts.get(key)
+    if verdict is None:
+        verdict = _check_host(rules, raw_host, port, approved)
+        if len(rules.verdicts) >= _VERDICT_CACHE_SIZE:
+            rules.verdicts.clear()
+        rules.verdicts[key] = verdict
+    return verdict
+
+
+def _check_host(rules: Rules, raw_host: str, port: int, approved: bool) -> HostVerdict:
     try:
         host = canonicalize_host(raw_host)
     except InvalidHost:
