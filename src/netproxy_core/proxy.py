@@ -29,10 +29,12 @@ from .config.model import Mode, ProxyConfig
 from .errors import ConfigError
 from .handlers.context import Decider, ProxyContext
 from .handlers.decide import decide
-from .handlers.http import serve_http_client
+from .handlers.fast_forward import serve_http_connection
 from .handlers.intercept import MitmInterceptor
 from .handlers.socks import serve_socks_client
 from .mitm_hooks import compile_hooks
+from .net.adopt import peer_address
+from .net.listener import TransportListener
 from .net.resolve import Resolver
 from .net.upstream import UpstreamProxies
 from .policy.model import NetworkDecision, NetworkPolicyRequest
@@ -394,8 +396,23 @@ class NetworkProxy:
         )
 
     @asynccontextmanager
-    async def _serving(self) -> AsyncIterator[ProxyHandle]:
+    async def _serving(
+        self, *, prebound: dict[str, socket.socket] | None = None
+    ) -> AsyncIterator[ProxyHandle]:
+        """Bind, serve, drain. `prebound`: listening sockets by listener ("HTTP", "SOCKS5"),
+        bound ahead by `serve` (`serve.bind_early`); adopted where that listener would bind."""
         config = self.config
+        early = dict(prebound or {})
+
+        async def listen(host: str, port: int, what: str) -> anyio.abc.Listener[Any]:
+            sock = early.pop(what, None)
+            if sock is not None:
+                at = sock.getsockname()
+                if at[0] == host and (port == 0 or at[1] == port):
+                    return _listener([sock])
+                sock.close()
+            return await _listen(host, port, what)
+
         if not config.enabled:
             raise ConfigError(
                 "the proxy is disabled (enabled = false); nothing to serve", key="enabled"
@@ -404,8 +421,8 @@ class NetworkProxy:
         self.ctx.shutting_down = False  # a proxy may be run again after a shutdown
         try:
             http_host, http_port = self._bind_addr(config.proxy_url, 3128)
-            http = await _listen(http_host, http_port, "HTTP")
-            listeners.append((http, serve_http_client))
+            http = await listen(http_host, http_port, "HTTP")
+            listeners.append((http, serve_http_connection))
             socks = None
             if config.enable_socks5:
                 socks_host, socks_port = self._bind_addr(config.socks_url, 8081)
@@ -413,7 +430,7 @@ class NetworkProxy:
                     # An ephemeral HTTP listener asks for a throwaway proxy: never grab the
                     # fixed default SOCKS port behind the caller's back (parallel runs collide).
                     socks_port = 0
-                socks = await _listen(socks_host, socks_port, "SOCKS5")
+                socks = await listen(socks_host, socks_port, "SOCKS5")
                 listeners.append((socks, serve_socks_client))
             handle = ProxyHandle(self, _bound(http), _bound(socks) if socks else None)
             if config.admin_url is not None:
@@ -440,6 +457,8 @@ class NetworkProxy:
                         await self._shutdown(conns, listeners)
                     handle._done.set()
         finally:
+            for sock in early.values():  # not adopted
+                sock.close()
             for listener, _ in listeners:
                 with anyio.CancelScope(shield=True):
                     await listener.aclose()
@@ -508,16 +527,8 @@ class NetworkProxy:
             await stream.aclose()
             return
         self._over_limit_logged = False
-        # One attribute lookup (anyio builds its attribute table on every `extra` call).
-        client: str | None = None
-        try:
-            sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                address = sock.getpeername()
-                client = format_addr(str(address[0]), int(address[1]))
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, anyio.TypedAttributeLookupError):
-            pass
+        peer = peer_address(stream)
+        client = format_addr(str(peer[0]), int(peer[1])) if peer is not None else None
         with anyio.CancelScope() as scope:
             key = id(scope)
             self._connections[key] = _Connection(scope)
@@ -557,13 +568,20 @@ class NetworkProxy:
 
 async def _listen(host: str, port: int, what: str) -> anyio.abc.Listener[Any]:
     try:
-        return await anyio.create_tcp_listener(
+        bound = await anyio.create_tcp_listener(
             local_host=host, local_port=port, reuse_port=False, backlog=4096
         )
     except OSError as exc:
         raise ConfigError(
             f"cannot listen for {what} on {format_addr(host, port)}: {exc.strerror}"
         ) from None
+    raw = anyio.abc.SocketAttribute.raw_socket
+    return _listener([listener.extra(raw) for listener in bound.listeners])
+
+
+def _listener(sockets: list[socket.socket]) -> anyio.abc.Listener[Any]:
+    """Listening sockets served through the loop's own accept path (`net.listener`)."""
+    return TransportListener(sockets)
 
 
 def _bound(listener: anyio.abc.Listener[Any]) -> tuple[str, int]:

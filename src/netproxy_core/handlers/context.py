@@ -8,7 +8,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 
@@ -21,7 +21,14 @@ from ..net.upstream import UpstreamProxies
 from ..policy.model import NetworkDecision, NetworkPolicyRequest
 from ..state import RuntimeState
 
-__all__ = ["Decider", "Interceptor", "ProxyContext"]
+__all__ = ["Cancellable", "Decider", "Interceptor", "ProxyContext"]
+
+
+class Cancellable(Protocol):
+    """Anything `idle_waits` can end: an anyio `CancelScope`, or a fast-path wait."""
+
+    def cancel(self) -> None: ...
+
 
 Decider = Callable[[NetworkPolicyRequest], Awaitable[NetworkDecision]]
 # Serves an intercepted TLS tunnel: (ctx, client stream with peeked bytes, tunnel target).
@@ -40,7 +47,8 @@ class ProxyContext:
     broker_hosts: Callable[[str], bool] | None = None
     broker: CredentialBroker | None = None
     shutting_down: bool = False
-    idle_waits: set[anyio.CancelScope] = field(default_factory=set)
+    # Waits on an idle peer, each ended at once by `cancel()` when shutting down.
+    idle_waits: set[Cancellable] = field(default_factory=set)
     _origin_tls: ssl.SSLContext | None = None
 
     def idle_wait(self) -> anyio.CancelScope:

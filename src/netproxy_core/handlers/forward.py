@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Literal
 
 import anyio
@@ -23,6 +23,7 @@ import h11
 from ..errors import UpstreamError
 from ..hosts import format_host_port
 from ..net.relay import relay
+from ..net.upstream import UpstreamProxy
 from ..policy.model import NetworkDecision
 from ..proto.http_head import Forward, authority_for, head_size, header_value, strip_hop_by_hop
 from .origin import Origin, open_origin
@@ -30,7 +31,7 @@ from .origin import Origin, open_origin
 if TYPE_CHECKING:
     from .http import HttpSession
 
-__all__ = ["READ_SIZE", "ClientGone", "OriginForwarder"]
+__all__ = ["READ_SIZE", "ClientGone", "OriginForwarder", "origin_request"]
 
 READ_SIZE = 65536
 
@@ -75,20 +76,7 @@ class OriginForwarder:
         except UpstreamError as exc:
             await session.upstream_failed(exc)
             return await session.drain()
-        out = strip_hop_by_hop(headers, keep_upgrade=upgrade)
-        if header_value(out, b"host") is None:
-            out.insert(0, (b"host", authority_for(target.host, target.port, target.scheme)))
-        if header_value(headers, b"transfer-encoding") is not None:
-            out.append((b"transfer-encoding", b"chunked"))
-        path = target.path
-        if origin.via is not None:
-            path = (
-                f"{target.scheme}://".encode()
-                + authority_for(target.host, target.port, target.scheme)
-                + target.path
-            )
-            if origin.via.authorization:
-                out.append((b"proxy-authorization", origin.via.authorization))
+        path, out = origin_request(headers, target, origin.via, upgrade=upgrade)
         bodiless = _bodiless(request.headers)  # the client's framing, not the forwarded headers
         return await self.exchange(origin, client, request.method, path, out, target, bodiless)
 
@@ -99,17 +87,25 @@ class OriginForwarder:
         key = (target.scheme, target.host, target.port, decision.addresses)
         if self._origin is not None and self._origin_key == key and self._origin_conn is not None:
             conn = self._origin_conn
-            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            closed = conn.trailing_data[1]  # a close-delimited body ended with the connection
+            if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not closed:
                 conn.start_next_cycle()
                 return self._origin, conn
         await self.close()
         ctx = self.session.ctx
         origin = await open_origin(ctx, target.host, target.port, decision, tls=target.tls)
         self._origin, self._origin_key = origin, key
-        self._origin_conn = h11.Connection(
-            h11.CLIENT, max_incomplete_event_size=ctx.limits.max_header_bytes
-        )
+        self._origin_conn = self.new_client()
         return origin, self._origin_conn
+
+    def new_client(self) -> h11.Connection:
+        """A fresh h11 client for an origin connection."""
+        limit = self.session.ctx.limits.max_header_bytes
+        return h11.Connection(h11.CLIENT, max_incomplete_event_size=limit)
+
+    def install(self, origin: Origin, key: tuple[object, ...], conn: h11.Connection) -> None:
+        """Keep an origin connection opened elsewhere (the fast path) as this session's."""
+        self._origin, self._origin_key, self._origin_conn = origin, key, conn
 
     async def close(self) -> None:
         """Close the kept origin connection, if any (shielded from cancellation)."""
@@ -139,28 +135,48 @@ class OriginForwarder:
         """
         session = self.session
         upstream = origin.stream
+        request = h11.Request(method=method, target=path, headers=headers)
+
+        async def run(pending: bytearray) -> bool:
+            # No body: h11 has the end of the request already (a bodiless request never
+            # yields Data); one send to the origin and no body task.
+            if bodiless and isinstance(session.conn.next_event(), h11.EndOfMessage):
+                await upstream.send(client.send(request) + client.send(h11.EndOfMessage()))
+                return await self._relay_response(client, upstream, target, pending, None)
+            await upstream.send(client.send(request))
+            body_done = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._send_body, client, upstream, body_done)
+                started = await self._relay_response(client, upstream, target, pending, body_done)
+                with anyio.fail_after(session.ctx.limits.idle_timeout):
+                    await body_done.wait()
+            return started
+
+        return await self._guarded(client, target, run)
+
+    async def resume_response(
+        self, origin: Origin, client: h11.Connection, target: Forward
+    ) -> bool:
+        """Relay the response to a request the fast path already sent over `origin`."""
+
+        async def run(pending: bytearray) -> bool:
+            return await self._relay_response(client, origin.stream, target, pending, None)
+
+        return await self._guarded(client, target, run)
+
+    async def _guarded(
+        self,
+        client: h11.Connection,
+        target: Forward,
+        run: Callable[[bytearray], Awaitable[bool]],
+    ) -> bool:
+        """Run one exchange, answering its failures (SPEC §5.9); False = close the client."""
+        session = self.session
         pending = bytearray()  # response bytes for the client, sent before the next wait
         response_started = False
-        request = h11.Request(method=method, target=path, headers=headers)
         try:
             with _upstream_io(target):
-                # No body: h11 has the end of the request already (a bodiless request never
-                # yields Data); one send to the origin and no body task.
-                if bodiless and isinstance(session.conn.next_event(), h11.EndOfMessage):
-                    await upstream.send(client.send(request) + client.send(h11.EndOfMessage()))
-                    response_started = await self._relay_response(
-                        client, upstream, target, pending, None
-                    )
-                else:
-                    await upstream.send(client.send(request))
-                    body_done = anyio.Event()
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(self._send_body, client, upstream, body_done)
-                        response_started = await self._relay_response(
-                            client, upstream, target, pending, body_done
-                        )
-                        with anyio.fail_after(session.ctx.limits.idle_timeout):
-                            await body_done.wait()
+                response_started = await run(pending)
         except _Switched:
             return False
         except UpstreamError as exc:
@@ -326,3 +342,30 @@ def _bodiless(headers: Iterable[tuple[bytes, bytes]]) -> bool:
         if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
             return False
     return True
+
+
+def origin_request(
+    headers: Iterable[tuple[bytes, bytes]],
+    target: Forward,
+    via: UpstreamProxy | None,
+    *,
+    upgrade: bool,
+) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The request target and headers to send upstream for the client's `headers` (SPEC §5.4).
+
+    Hop-by-hop fields go, `Host` is added when missing, and through an upstream proxy the
+    target is absolute-form with the proxy's credentials.
+    """
+    headers = list(headers)
+    out = strip_hop_by_hop(headers, keep_upgrade=upgrade)
+    authority = authority_for(target.host, target.port, target.scheme)
+    if header_value(out, b"host") is None:
+        out.insert(0, (b"host", authority))
+    if header_value(headers, b"transfer-encoding") is not None:
+        out.append((b"transfer-encoding", b"chunked"))
+    path = target.path
+    if via is not None:
+        path = f"{target.scheme}://".encode() + authority + target.path
+        if via.authorization:
+            out.append((b"proxy-authorization", via.authorization))
+    return path, out

@@ -18,7 +18,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from http import HTTPStatus
 
 import anyio
 import anyio.abc
@@ -30,18 +29,23 @@ from ..policy.blocked import render_blocked
 from ..policy.engine import deny
 from ..policy.model import NetworkDecision, NetworkPolicyRequest, Protocol, Reason, Scope, Source
 from ..proto.http_head import (
-    DEFAULT_PORTS,
+    TE_AND_CL,
     Connect,
     Forward,
     Reject,
     check_proxy_auth,
     classify,
+    has_content_length,
     header_value,
     oversize_request,
+    protocol_error_text,
+    status_phrase,
+    target_authority,
 )
 from .context import ProxyContext
 from .decide import Check, decide, refuse
 from .forward import READ_SIZE, ClientGone, OriginForwarder
+from .origin import Origin
 from .tunnel import Established, TunnelTarget, mitm_unavailable, run_tunnel
 from .unix import UNIX_SOCKET_HEADER, serve_unix_request
 
@@ -126,12 +130,20 @@ class HttpSession:
             self._line_bytes += len(data) if end < 0 else end
             self._head_newline = end >= 0
 
-    async def _read_head(self, first: bool) -> h11.Event | type[h11.PAUSED] | None:
-        """The next request head; None when the connection should just close."""
+    async def _read_head(
+        self, first: bool, deadline: float | None = None
+    ) -> h11.Event | type[h11.PAUSED] | None:
+        """The next request head; None when the connection should just close.
+
+        `deadline` bounds a head whose first bytes were read before this session took over.
+        """
         ctx, limits = self.ctx, self.ctx.limits
         self._head_bytes, self._head_newline, self._line_bytes = 0, False, 0
         pipelined = self.conn.trailing_data[0]
         self._raw_head = [pipelined] if pipelined else []
+        if pipelined:
+            self._head_bytes = len(pipelined)
+            self._note_line(pipelined)
         event = self.conn.next_event()
         if event is not h11.NEED_DATA:
             return event  # type: ignore[return-value]
@@ -139,7 +151,7 @@ class HttpSession:
         data: bytes | None = None
         # One scope is both the idle deadline and the shutdown cancel (cheaper than two).
         idle = ctx.idle_wait()
-        idle.deadline = anyio.current_time() + wait
+        idle.deadline = anyio.current_time() + wait if deadline is None else deadline
         ctx.idle_waits.add(idle)
         try:
             with idle:
@@ -157,18 +169,24 @@ class HttpSession:
         event = self.conn.next_event()
         if event is not h11.NEED_DATA:
             return event  # type: ignore[return-value]  # the whole head came in one read
-        with anyio.fail_after(limits.handshake_timeout):
+        if deadline is None:
+            deadline = anyio.current_time() + limits.handshake_timeout
+        with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
             return await self.next_event()
 
     # --- the loop -----------------------------------------------------------------------
 
-    async def serve(self) -> None:
-        first = True
+    async def serve(self, *, first: bool = True, head_deadline: float | None = None) -> None:
+        """Serve requests until the connection should close.
+
+        `first` says no request was served on this connection yet (the handshake timeout
+        applies), `head_deadline` bounds a request head whose first bytes are in `conn`.
+        """
         try:
             while True:
                 try:
                     try:
-                        event = await self._read_head(first)
+                        event = await self._read_head(first, head_deadline)
                     except h11.RemoteProtocolError as exc:
                         event = self._recover_head(exc)
                 except TimeoutError:
@@ -177,14 +195,14 @@ class HttpSession:
                     return
                 except h11.RemoteProtocolError as exc:
                     status = exc.error_status_hint
-                    if status == 501 and _has_content_length(b"".join(self._raw_head)):
-                        await self.send_simple(400, _TE_AND_CL)
+                    if status == 501 and has_content_length(b"".join(self._raw_head)):
+                        await self.send_simple(400, TE_AND_CL)
                         return
                     if self._line_bytes > self.ctx.limits.max_header_bytes or (
                         status == 431 and not self._head_newline
                     ):
                         status = 414
-                    await self.send_simple(status, _protocol_error_text(status, exc))
+                    await self.send_simple(status, protocol_error_text(status, exc))
                     return
                 if not isinstance(event, h11.Request):
                     return
@@ -192,17 +210,85 @@ class HttpSession:
                     event.method, event.target, event.headers, self.ctx.limits.max_header_bytes
                 )
                 if oversize is not None:
-                    await self.send_simple(oversize, _protocol_error_text(oversize, None))
+                    await self.send_simple(oversize, protocol_error_text(oversize, None))
                     return
-                if not await self._handle(event):
+                if not await self._handle(event) or not self._next_cycle():
                     return
-                if self.conn.our_state is not h11.DONE or self.conn.their_state is not h11.DONE:
-                    return
-                self.conn.start_next_cycle()
-                first = False
+                first, head_deadline = False, None
         except ClientGone:
             return
         finally:
+            await self.origins.close()
+
+    def _next_cycle(self) -> bool:
+        """Ready for the next request on this connection; False = close it."""
+        if self.conn.our_state is not h11.DONE or self.conn.their_state is not h11.DONE:
+            return False
+        self.conn.start_next_cycle()
+        return True
+
+    # --- taking over from the fast path (`fast_forward.py`) --------------------------------
+
+    async def serve_decided(
+        self,
+        target: Forward,
+        decision: NetworkDecision,
+        *,
+        origin: Origin | None = None,
+        failure: UpstreamError | None = None,
+    ) -> None:
+        """Answer a request already in `conn` that the fast path decided, then serve on.
+
+        `failure` is the origin's failure to answer; `origin` a connection already opened.
+        """
+        request = self.conn.next_event()
+        assert isinstance(request, h11.Request), request  # the fast path's heads are h11's
+        headers = list(request.headers)
+        method = request.method.decode("ascii")
+
+        async def answer() -> bool:
+            if failure is not None:
+                await self.upstream_failed(failure)
+                return False
+            if not decision.allowed:
+                return await self._refused(decision, target, Protocol.HTTP, method)
+            if origin is not None:
+                key = (target.scheme, target.host, target.port, decision.addresses)
+                self.origins.install(origin, key, self.origins.new_client())
+            return await self.origins.forward(request, headers, target, decision, upgrade=False)
+
+        await self._continue(answer)
+
+    async def serve_response(
+        self,
+        target: Forward,
+        origin: Origin,
+        key: tuple[object, ...],
+        sent: tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes],
+        received: bytes,
+    ) -> None:
+        """Relay a response the fast path could not: the request in `conn` was `sent`
+        (method, target, headers, body) over `origin`, which answered `received` so far."""
+        while not isinstance(self.conn.next_event(), h11.EndOfMessage):
+            pass  # the request is whole in `conn`: Request, [Data], EndOfMessage
+        method, path, headers, body = sent
+        client = self.origins.new_client()
+        client.send(h11.Request(method=method, target=path, headers=headers))
+        if body:
+            client.send(h11.Data(data=body))
+        client.send(h11.EndOfMessage())
+        client.receive_data(received)
+        self.origins.install(origin, key, client)
+        await self._continue(lambda: self.origins.resume_response(origin, client, target))
+
+    async def _continue(self, answer: Callable[[], Awaitable[bool]]) -> None:
+        try:
+            keep = await answer()
+        except ClientGone:
+            keep = False
+        if keep and self._next_cycle():
+            await self.serve(first=False)
+        else:
             await self.origins.close()
 
     def _recover_head(self, exc: h11.RemoteProtocolError) -> h11.Event | type[h11.PAUSED]:
@@ -214,7 +300,7 @@ class HttpSession:
         """
         raw = b"".join(self._raw_head)
         end = raw.find(b"\n")
-        authority = _target_authority(raw[:end]) if end > 0 else None
+        authority = target_authority(raw[:end]) if end > 0 else None
         if str(exc) != "Missing mandatory Host: header" or authority is None:
             raise exc
         conn = h11.Connection(
@@ -232,7 +318,7 @@ class HttpSession:
         headers = list(request.headers)
         has_te = header_value(headers, b"transfer-encoding") is not None
         if has_te and header_value(headers, b"content-length") is not None:
-            await self.send_simple(400, _TE_AND_CL)
+            await self.send_simple(400, TE_AND_CL)
             return False
         token = self.ctx.config.proxy_auth_token
         if self.inner is None and token and not check_proxy_auth(headers, token):
@@ -346,14 +432,20 @@ class HttpSession:
         ):
             headers = ctx.broker.swap(headers, target.host)
         if not decision.allowed:
-            blocked = render_blocked(
-                decision, host=target.host, port=target.port, protocol=str(protocol), method=method
-            )
-            await self.respond(
-                blocked.status, [(k.encode(), v.encode()) for k, v in blocked.headers], blocked.body
-            )
-            return await self.drain()
+            return await self._refused(decision, target, protocol, method)
         return await self.origins.forward(request, headers, target, decision, upgrade=upgrade)
+
+    async def _refused(
+        self, decision: NetworkDecision, target: Forward, protocol: Protocol, method: str
+    ) -> bool:
+        """Answer a refused request (SPEC §4.6) and discard its body; False = close."""
+        blocked = render_blocked(
+            decision, host=target.host, port=target.port, protocol=str(protocol), method=method
+        )
+        await self.respond(
+            blocked.status, [(k.encode(), v.encode()) for k, v in blocked.headers], blocked.body
+        )
+        return await self.drain()
 
     # --- CONNECT ------------------------------------------------------------------------
 
@@ -420,7 +512,9 @@ class HttpSession:
             headers.append((b"connection", b"close"))
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             raise ClientGone
-        await self.send(h11.Response(status_code=status, headers=headers, reason=_phrase(status)))
+        await self.send(
+            h11.Response(status_code=status, headers=headers, reason=status_phrase(status))
+        )
         await self.send(h11.Data(data=body))
         await self.send(h11.EndOfMessage())
 
@@ -456,40 +550,6 @@ class HttpSession:
         return False
 
 
-_TE_AND_CL = "request has both Transfer-Encoding and Content-Length"
-
-
-def _has_content_length(raw: bytes) -> bool:
-    """The raw request head has a Content-Length field (TE + CL is 400, not 501: SPEC §5.1)."""
-    head = raw.partition(b"\r\n\r\n")[0]
-    return any(
-        line.lstrip().lower().startswith(b"content-length") for line in head.split(b"\n")[1:]
-    )
-
-
-def _target_authority(line: bytes) -> bytes | None:
-    """The authority named by a CONNECT or absolute-form request line, else None."""
-    parts = line.rstrip(b"\r").split(b" ")
-    if len(parts) != 3:
-        return None
-    method, target, _ = parts
-    if method == b"CONNECT":
-        return target
-    scheme, sep, rest = target.partition(b"://")
-    if not sep or scheme.lower().decode("latin-1") not in DEFAULT_PORTS:
-        return None
-    for stop in (b"/", b"?", b"#"):
-        rest = rest.partition(stop)[0]
-    return rest
-
-
-def _phrase(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
-
-
 def _mitm_required() -> NetworkDecision:
     """Plain HTTP to a host with MITM hooks (SPEC §7.5)."""
     return deny(Reason.MITM_REQUIRED, Source.MODE_GUARD, Scope.NON_DOMAIN)
@@ -502,22 +562,17 @@ def _upgrade_refused(check: Check | None) -> NetworkDecision:
     )
 
 
-def _protocol_error_text(status: int, exc: Exception | None) -> str:
-    if status == 414:
-        return "request line too long"
-    if status == 431:
-        return "request headers too large"
-    return f"malformed request: {exc}"
-
-
 async def serve_http_client(
-    ctx: ProxyContext, stream: anyio.abc.ByteStream, client_addr: str | None
+    ctx: ProxyContext,
+    stream: anyio.abc.ByteStream,
+    client_addr: str | None,
+    resume: Callable[[HttpSession], Awaitable[None]] | None = None,
 ) -> None:
-    """Serve one accepted client connection until it closes."""
+    """Serve one client connection until it closes; `resume` takes over from the fast path."""
     started = time.monotonic()
     session = HttpSession(ctx, stream, client_addr)
     try:
-        await session.serve()
+        await (session.serve() if resume is None else resume(session))
     except ClientProtocolError as exc:
         log.debug("client %s: %s", client_addr, exc)
     finally:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Final
 
 from ..errors import InvalidHost
@@ -19,20 +21,26 @@ from ..policy.model import Reason
 
 __all__ = [
     "DEFAULT_PORTS",
+    "TE_AND_CL",
     "Connect",
     "Forward",
     "Headers",
     "Reject",
     "check_proxy_auth",
     "classify",
+    "has_content_length",
     "head_size",
     "header_value",
     "oversize_request",
+    "protocol_error_text",
+    "status_phrase",
     "strip_hop_by_hop",
+    "target_authority",
 ]
 
 Headers = Sequence[tuple[bytes, bytes]]
 
+_AUTHORITY_END: Final = re.compile(r"[/?#]")
 DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 _HOP_BY_HOP: Final = frozenset(
     {
@@ -94,6 +102,21 @@ def header_value(headers: Headers, name: bytes) -> bytes | None:
 
 def _authority(text: str, default_port: int | None) -> tuple[str, int]:
     """Canonical host and port of an authority; raises InvalidHost."""
+    known = _AUTHORITIES.get((text, default_port))
+    if known is not None:
+        return known
+    found = _parse_authority(text, default_port)
+    if len(_AUTHORITIES) >= 4096:
+        _AUTHORITIES.clear()
+    _AUTHORITIES[(text, default_port)] = found
+    return found
+
+
+# Parsed authorities (a pure function of the text: the canonicaliser is the costly part).
+_AUTHORITIES: dict[tuple[str, int | None], tuple[str, int]] = {}
+
+
+def _parse_authority(text: str, default_port: int | None) -> tuple[str, int]:
     if "@" in text:
         raise InvalidHost(f"invalid host {text!r}: userinfo is not allowed", host=text)
     _, port = split_host_port(text)
@@ -130,7 +153,8 @@ def classify(method: bytes, target: bytes, headers: Headers) -> Forward | Connec
     scheme = scheme.lower()
     if not sep or scheme not in DEFAULT_PORTS:
         return Reject(400, f"unsupported request target {text[:100]!r}")
-    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    found = _AUTHORITY_END.search(rest)
+    end = found.start() if found else len(rest)
     authority_text, path = rest[:end], rest[end:].partition("#")[0]
     if not path.startswith("/"):
         path = "/" + path
@@ -187,11 +211,10 @@ def strip_hop_by_hop(
     With `keep_upgrade`, ``Upgrade`` and ``Connection: upgrade`` survive for a WebSocket relay.
     """
     headers = list(headers)
-    listed: set[bytes] = set()
+    drop = _HOP_BY_HOP
     for name, value in headers:
         if name == b"connection":
-            listed.update(t.strip().lower() for t in value.split(b","))
-    drop = _HOP_BY_HOP | listed
+            drop = drop | {t.strip().lower() for t in value.split(b",")}
     if keep_upgrade:
         drop = drop - {b"upgrade"}
     out = [(n, v) for n, v in headers if n not in drop]
@@ -240,3 +263,47 @@ def oversize_request(method: bytes, target: bytes, headers: Headers, limit: int)
     if head_size(line, headers) > limit:
         return 431
     return None
+
+
+TE_AND_CL = "request has both Transfer-Encoding and Content-Length"
+
+
+def has_content_length(raw: bytes) -> bool:
+    """The raw request head has a Content-Length field (TE + CL is 400, not 501: SPEC §5.1)."""
+    head = raw.partition(b"\r\n\r\n")[0]
+    return any(
+        line.lstrip().lower().startswith(b"content-length") for line in head.split(b"\n")[1:]
+    )
+
+
+def target_authority(line: bytes) -> bytes | None:
+    """The authority named by a CONNECT or absolute-form request line, else None."""
+    parts = line.rstrip(b"\r").split(b" ")
+    if len(parts) != 3:
+        return None
+    method, target, _ = parts
+    if method == b"CONNECT":
+        return target
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower().decode("latin-1") not in DEFAULT_PORTS:
+        return None
+    for stop in (b"/", b"?", b"#"):
+        rest = rest.partition(stop)[0]
+    return rest
+
+
+def status_phrase(status: int) -> bytes:
+    """The standard reason phrase for `status` (empty when it has none)."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def protocol_error_text(status: int, exc: Exception | None) -> str:
+    """The text of a 4xx answer to a request head h11 could not take."""
+    if status == 414:
+        return "request line too long"
+    if status == 431:
+        return "request headers too large"
+    return f"malformed request: {exc}"
