@@ -7,27 +7,21 @@ stderr, ``netproxy-core: error: …`` — never a traceback or a usage dump.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, NoReturn
-
-import anyio
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
-from .config.loader import load_config
-from .config.model import Access, Mode, ProxyConfig
-from .config.schema import hosts_entry, route_entry
-from .errors import InvalidHost, NetproxyError
-from .hosts import split_host_port
-from .policy.model import NetworkPolicyRequest, Protocol
+from .errors import NetproxyError
+
+if TYPE_CHECKING:
+    from .config.model import ProxyConfig
+
+# Only what parsing the command line needs is imported up front: `serve` binds its HTTP
+# listener from the flags before the configuration machinery (or anything else) loads.
 
 __all__ = ["main"]
 
-log = logging.getLogger("netproxy.cli")
 PROG = "netproxy-core"
 
 
@@ -113,38 +107,65 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+_DESCRIPTION = "Put every network request a program makes under a policy."
+# command -> help line in the top-level listing
+_COMMANDS: dict[str, str] = {
+    "serve": "run the proxy until SIGINT/SIGTERM",
+    "run": "run a command behind a fresh proxy",
+    "check": "evaluate the policy for a host without traffic",
+    "ca": "manage a persistent MITM CA",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog=PROG, description="Put every network request a program makes under a policy."
-    )
+    parser = _Parser(prog=PROG, description=_DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    serve = sub.add_parser("serve", help="run the proxy until SIGINT/SIGTERM")
-    _add_serve_options(serve)
-    run = sub.add_parser("run", help="run a command behind a fresh proxy")
-    _add_serve_options(run)
-    run.add_argument(
-        "--isolate", action="store_true", help="Linux: CMD's only way out is the proxy"
-    )
-    run.add_argument("--socks", action="store_true", help="also put a socks5h:// URL in ALL_PROXY")
-    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command to run")
-    check = sub.add_parser("check", help="evaluate the policy for a host without traffic")
-    _add_config_options(check)
-    check.add_argument("--method", help="HTTP method (default GET, CONNECT for https_connect)")
-    check.add_argument(
-        "--protocol",
-        default="http",
-        choices=[str(p) for p in Protocol],
-        help="protocol to evaluate (default http)",
-    )
-    check.add_argument("target", metavar="HOST[:PORT]")
-    ca = sub.add_parser("ca", help="manage a persistent MITM CA")
-    ca_sub = ca.add_subparsers(dest="ca_command", metavar="ACTION", parser_class=_Parser)
-    ca_sub.required = True
-    init = ca_sub.add_parser("init", help="write DIR/ca.pem and DIR/ca.key (0600)")
-    init.add_argument("dir", metavar="DIR")
+    for command, help_line in _COMMANDS.items():
+        _add_command_options(command, sub.add_parser(command, help=help_line))
     return parser
+
+
+def command_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of one command alone: what `build_parser` hands the arguments after it.
+
+    `main` uses it when the command comes first, so `serve` builds one parser, not six.
+    """
+    parser = _Parser(prog=f"{PROG} {command}")
+    parser.set_defaults(command=command)
+    _add_command_options(command, parser)
+    return parser
+
+
+def _add_command_options(command: str, p: argparse.ArgumentParser) -> None:
+    if command in ("serve", "run"):
+        _add_serve_options(p)
+    if command == "run":
+        p.add_argument(
+            "--isolate", action="store_true", help="Linux: CMD's only way out is the proxy"
+        )
+        p.add_argument(
+            "--socks", action="store_true", help="also put a socks5h:// URL in ALL_PROXY"
+        )
+        p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command to run")
+    elif command == "check":
+        from .policy.model import Protocol
+
+        _add_config_options(p)
+        p.add_argument("--method", help="HTTP method (default GET, CONNECT for https_connect)")
+        p.add_argument(
+            "--protocol",
+            default="http",
+            choices=[str(protocol) for protocol in Protocol],
+            help="protocol to evaluate (default http)",
+        )
+        p.add_argument("target", metavar="HOST[:PORT]")
+    elif command == "ca":
+        ca_sub = p.add_subparsers(dest="ca_command", metavar="ACTION", parser_class=_Parser)
+        ca_sub.required = True
+        init = ca_sub.add_parser("init", help="write DIR/ca.pem and DIR/ca.key (0600)")
+        init.add_argument("dir", metavar="DIR")
 
 
 # --- config from flags ----------------------------------------------------------------------
@@ -152,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     """Files and profile, then the flag overlay (flags beat the profile, SPEC §2.1)."""
+    import dataclasses
+
+    from .config.loader import load_config
+    from .config.model import Access, Mode
+
     config = load_config(args.config, profile=args.profile)
     changes: dict[str, Any] = {}
     if args.mode:
@@ -197,6 +223,8 @@ def _parse_route_flag(text: str) -> tuple[str, str]:
     target, sep, dest = text.partition("=")
     if not sep:
         raise UsageError(f"--route {text!r}: expected HOST[:PORT]=IP:PORT")
+    from .config.schema import route_entry
+
     try:
         return route_entry(target, dest)
     except ValueError as exc:
@@ -207,6 +235,8 @@ def _parse_resolve_flag(text: str) -> tuple[str, tuple[str, ...]]:
     name, sep, ips = text.partition("=")
     if not sep or not ips:
         raise UsageError(f"--resolve {text!r}: expected NAME=IP[,IP]")
+    from .config.schema import hosts_entry
+
     try:
         return hosts_entry(name, ips.split(","))
     except ValueError as exc:
@@ -217,6 +247,8 @@ def _parse_resolve_flag(text: str) -> tuple[str, tuple[str, ...]]:
 
 
 def _setup_logging(level: str) -> None:
+    import logging
+
     logging.basicConfig(
         stream=sys.stderr,
         level=getattr(logging, level.upper()),
@@ -226,28 +258,48 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import serve_forever
+    from .serve import bind_flag_http, serve_forever
 
-    _setup_logging(args.log_level)
-    config = config_from_args(args)
-    if not config.enabled:
-        print(
-            f"{PROG}: the proxy is disabled (enabled = false in profile {config.profile}); "
-            "nothing to serve",
-            file=sys.stderr,
+    # A loopback --http-addr is where the HTTP listener binds whatever the configuration says
+    # (flags win): bind it now, so the port accepts while everything else loads. Any problem
+    # below closes it again; connections queued meanwhile are served once the engine is up.
+    early_http = bind_flag_http(args.http_addr)
+    try:
+        _setup_logging(args.log_level)
+        config = config_from_args(args)
+        if not config.enabled:
+            print(
+                f"{PROG}: the proxy is disabled (enabled = false in profile {config.profile}); "
+                "nothing to serve",
+                file=sys.stderr,
+            )
+            return 0
+        notice = None
+        if not config.allowed_patterns:
+            notice = (
+                f"{PROG}: profile {config.profile!r} allows no host yet: every request will be "
+                "blocked until you add --allow PATTERN or allow entries in a config file"
+            )
+        # The notice is printed once listening, so a start-up error stays the only stderr line.
+        return serve_forever(
+            config,
+            args,
+            reload=lambda: config_from_args(args),
+            notice=notice,
+            early_http=early_http,
         )
-        return 0
-    notice = None
-    if not config.allowed_patterns:
-        notice = (
-            f"{PROG}: profile {config.profile!r} allows no host yet: every request will be blocked "
-            "until you add --allow PATTERN or allow entries in a config file"
-        )
-    # The notice is printed once listening, so a start-up error stays the only stderr line.
-    return serve_forever(config, args, reload=lambda: config_from_args(args), notice=notice)
+    finally:
+        if early_http is not None:
+            early_http.close()  # a no-op once the engine has adopted and closed it
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from .errors import InvalidHost
+    from .hosts import split_host_port
+    from .policy.model import NetworkPolicyRequest, Protocol
     from .proxy import NetworkProxy
 
     logging.basicConfig(
@@ -286,12 +338,17 @@ def cmd_check(args: argparse.Namespace) -> int:
             "method": method,
         }
 
+    import anyio
+
     result = anyio.run(evaluate)
     print(json.dumps(result))
     return 0 if result["decision"] == "allow" else 1
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
     from .certs import CertificateAuthority
 
     ca = CertificateAuthority.generate()
@@ -315,9 +372,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `netproxy-core` console script."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        if argv and argv[0] in _COMMANDS:
+            args = command_parser(argv[0]).parse_args(argv[1:])
+        else:
+            args = build_parser().parse_args(argv)
         command = args.command
         if command == "serve":
             return cmd_serve(args)

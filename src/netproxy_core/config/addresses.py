@@ -47,7 +47,14 @@ log = logging.getLogger("netproxy.proxy")
 
 
 def bind_addr(
-    value: str, default_port: int, *, what: str, allow_non_loopback: bool, flag: str, unix: bool
+    value: str,
+    default_port: int,
+    *,
+    what: str,
+    allow_non_loopback: bool,
+    flag: str,
+    unix: bool,
+    warn: bool = True,
 ) -> tuple[str, int]:
     """Where a listener binds: `value` parsed, clamped to 127.0.0.1 (same port, with a warning)
     unless it is loopback or `allow_non_loopback` is set — and always clamped when unix
@@ -57,9 +64,12 @@ def bind_addr(
         what: the listener, for the warning ("listener", "admin API").
         flag: the config key that would keep a non-loopback address.
         unix: unix-socket forwarding is enabled.
+        warn: log the clamping (off for a dry run that the real bind repeats).
     """
     host, port = parse_listen_addr(value, default_port)
     if not is_loopback_host(host) and (unix or not allow_non_loopback):
+        if not warn:
+            return "127.0.0.1", port
         log.warning(
             "%s address %s is not loopback; binding 127.0.0.1:%d instead%s",
             what,

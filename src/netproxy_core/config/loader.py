@@ -16,10 +16,8 @@ Choices where the spec is silent (documented in docs/configuration.md):
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
-import tomllib
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -83,6 +81,8 @@ def _merge(base: Raw, top: Raw, path: tuple[str, ...] = ()) -> Raw:
 
 
 def _read_file(path: str | os.PathLike[str]) -> Raw:
+    import tomllib  # only with config files: `serve` with flags alone starts without it
+
     name = os.fspath(path)
     try:
         with open(name, "rb") as f:
@@ -156,6 +156,8 @@ def load_config(
 def load_config_text(
     text: str, profile: str | None = None, *, source: str = "<string>"
 ) -> ProxyConfig:
+    import tomllib
+
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -188,6 +190,8 @@ def _build(layers: Sequence[tuple[Raw, str]], profile: str | None) -> ProxyConfi
         base = _resolve(base_name, merged, label) if base_name in merged else {}
         raw = BUILTIN_PROFILES[name](base)
     else:
+        import difflib
+
         known = sorted(set(merged) | set(BUILTIN_PROFILES))
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -7,7 +7,6 @@ Not here: reading files, layering, profiles and conversion to `ProxyConfig` (`lo
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
@@ -114,6 +113,8 @@ def _check_keys(table: Mapping[str, Any], known: Iterable[str], where: Where) ->
     known = list(known)
     for key in table:
         if key not in known:
+            import difflib  # only for the error message
+
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
             hint = f"; did you mean `{close[0]}`?" if close else ""
             raise ConfigError(

@@ -1,16 +1,45 @@
-"""Policy: vocabulary, pure evaluation, refusal rendering (SPEC §4)."""
+"""Policy: vocabulary, pure evaluation, refusal rendering (SPEC §4).
 
-from .blocked import BlockedResponse, advice, proxy_error_for, render_blocked
-from .engine import LIMITED_METHODS, HostVerdict, Rules, check_answers, check_host, check_method
-from .model import (
-    Decision,
-    NetworkDecision,
-    NetworkPolicyRequest,
-    Protocol,
-    Reason,
-    Scope,
-    Source,
-)
+Names load on first use (PEP 562): importing `policy.model` alone stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .blocked import BlockedResponse, advice, proxy_error_for, render_blocked
+    from .engine import LIMITED_METHODS, HostVerdict, Rules, check_answers, check_host, check_method
+    from .model import (
+        Decision,
+        NetworkDecision,
+        NetworkPolicyRequest,
+        Protocol,
+        Reason,
+        Scope,
+        Source,
+    )
+
+_LAZY: dict[str, str] = {
+    "BlockedResponse": "blocked",
+    "advice": "blocked",
+    "proxy_error_for": "blocked",
+    "render_blocked": "blocked",
+    "LIMITED_METHODS": "engine",
+    "HostVerdict": "engine",
+    "Rules": "engine",
+    "check_answers": "engine",
+    "check_host": "engine",
+    "check_method": "engine",
+    "Decision": "model",
+    "NetworkDecision": "model",
+    "NetworkPolicyRequest": "model",
+    "Protocol": "model",
+    "Reason": "model",
+    "Scope": "model",
+    "Source": "model",
+}
 
 __all__ = [
     "LIMITED_METHODS",
@@ -31,3 +60,16 @@ __all__ = [
     "proxy_error_for",
     "render_blocked",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
