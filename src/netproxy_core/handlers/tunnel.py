@@ -18,7 +18,7 @@ import anyio.abc
 from ..config.model import Mode
 from ..errors import InvalidHost, UpstreamError
 from ..hosts import canonicalize_host
-from ..net.relay import relay
+from ..net.relay import FirstBytesCheck, relay
 from ..net.streams import ReplayStream, peek
 from ..policy.engine import deny
 from ..policy.model import NetworkDecision, NetworkPolicyRequest, Protocol, Reason, Scope, Source
@@ -44,10 +44,16 @@ MAX_HELLO = 128 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Established:
-    """The tunnel is open. `local_addr`: our end of the dialled upstream connection (SOCKS
-    reports it as BND.ADDR); None when the tunnel is intercepted and dialled per request."""
+    """The tunnel is open. `upstream`: the dialled upstream connection; None when the tunnel is
+    intercepted and dialled per request."""
 
-    local_addr: tuple[str, int] | None = None
+    upstream: anyio.abc.ByteStream | None = None
+
+    @property
+    def local_addr(self) -> tuple[str, int] | None:
+        """Our end of the upstream connection (SOCKS reports it as BND.ADDR), looked up only
+        when asked (a CONNECT reply does not need it)."""
+        return None if self.upstream is None else _local_address(self.upstream)
 
 
 # How a listener answers its client: Established, an UpstreamError (dial failed, 502/504 or a
@@ -133,11 +139,13 @@ async def run_tunnel(
             replay,
             origin.stream,
             idle_timeout=ctx.limits.idle_timeout,
-            before_forward=_sni_gate(ctx, replay, target) if kind is not FirstBytes.TLS else None,
+            first_bytes=_sni_check(ctx, target) if kind is not FirstBytes.TLS else None,
+            first_bytes_timeout=ctx.limits.handshake_timeout,
         )
     finally:
-        with anyio.CancelScope(shield=True):
-            await replay.aclose()
+        if not replay.closed:  # the relay closes both ends itself
+            with anyio.CancelScope(shield=True):
+                await replay.aclose()
 
 
 async def _opaque(
@@ -153,28 +161,62 @@ async def _opaque(
         await reply(exc)
         return
     try:
-        await reply(Established(_local_address(origin.stream)))
-        # Server-first protocols get their bytes at once; the client's first bytes are
-        # inspected whenever they come (a late ClientHello must not skip the SNI check).
-        await relay(
-            replay,
-            origin.stream,
-            idle_timeout=ctx.limits.idle_timeout,
-            before_forward=_sni_gate(ctx, replay, target),
-        )
-    finally:
+        await reply(Established(origin.stream))
+    except BaseException:
         with anyio.CancelScope(shield=True):
             await origin.stream.aclose()
+        raise
+    # Server-first protocols get their bytes at once; the client's first bytes are inspected
+    # whenever they come (a late ClientHello must not skip the SNI check). The relay closes
+    # both streams.
+    await relay(
+        replay,
+        origin.stream,
+        idle_timeout=ctx.limits.idle_timeout,
+        first_bytes=_sni_check(ctx, target),
+        first_bytes_timeout=ctx.limits.handshake_timeout,
+    )
 
 
-def _sni_gate(
-    ctx: ProxyContext, replay: ReplayStream, target: TunnelTarget
-) -> Callable[[], Awaitable[bool]]:
-    async def gate() -> bool:
-        _kind, sni_ok = await _inspect(ctx, replay, target, first_byte_wait=None)
-        return sni_ok
+def _sni_check(ctx: ProxyContext, target: TunnelTarget) -> FirstBytesCheck:
+    """The relay's sans-IO check of the client's first bytes: a ClientHello's SNI must name
+    the tunnel host; anything that is not TLS passes.
 
-    return gate
+    A ClientHello still incomplete when the relay gives up waiting (end of input, or the
+    handshake timeout after its first byte) passes too, as in `_inspect`: TLS then fails
+    end to end.
+    """
+
+    def check(data: bytes, final: bool) -> bool | None:
+        kind = classify_first_bytes(data)
+        if kind is FirstBytes.OTHER:
+            return True
+        if kind is FirstBytes.NEED_MORE:
+            return True if final else None
+        try:
+            hello = parse_client_hello(data)
+        except ValueError:
+            return True  # not a parseable hello: let TLS itself fail end to end
+        if hello is None:
+            return True if final or len(data) > MAX_HELLO else None
+        return _sni_allowed(ctx, target, hello.sni)
+
+    return check
+
+
+def _sni_allowed(ctx: ProxyContext, target: TunnelTarget, raw_sni: str | None) -> bool:
+    """No SNI, or an SNI naming the tunnel host; a mismatch is refused and audited."""
+    if raw_sni is None:
+        return True
+    try:
+        sni = canonicalize_host(raw_sni)
+    except InvalidHost:
+        sni = raw_sni
+    if sni != target.host:
+        refuse(ctx, target.request(), Reason.HOST_MISMATCH, Source.BASELINE_POLICY, Scope.DOMAIN)
+        log.info("refused tunnel to %s: TLS SNI names %s (domain fronting)", target.host, sni)
+        return False
+    return True
 
 
 def _local_address(stream: anyio.abc.ByteStream) -> tuple[str, int] | None:
@@ -232,14 +274,6 @@ async def _inspect(
             )
             if len(replay.pending) == before:
                 break
-    if hello is None or hello.sni is None:
+    if hello is None:
         return kind, True
-    try:
-        sni = canonicalize_host(hello.sni)
-    except InvalidHost:
-        sni = hello.sni
-    if sni != target.host:
-        refuse(ctx, target.request(), Reason.HOST_MISMATCH, Source.BASELINE_POLICY, Scope.DOMAIN)
-        log.info("refused tunnel to %s: TLS SNI names %s (domain fronting)", target.host, sni)
-        return kind, False
-    return kind, True
+    return kind, _sni_allowed(ctx, target, hello.sni)

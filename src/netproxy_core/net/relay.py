@@ -2,34 +2,35 @@
 
 Opaque tunnels (CONNECT, SOCKS) and upgraded connections end here. The idle clock is shared:
 a long download with a silent upload is not idle.
+
+Two engines, same behaviour:
+
+- **Linked transports** (`net.link`), used when both ends are plain TCP streams of anyio's
+  asyncio backend: protocol callbacks, no task per direction, no watchdog task (an idle tunnel
+  costs two small protocol objects).
+- **Pumps** (`_pump_relay`): one task per direction plus a watchdog, for any other stream
+  (TLS, unix sockets, upstream-proxy tunnels, other backends).
+
+Either engine moves a bulk direction to Linux `splice(2)` (`net.splice`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import socket
-import sys
 import time
-from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
 
+from .link import FirstBytesCheck, abort, linkable, run_linked
+from .splice import AVAILABLE as _SPLICE
+from .splice import SPLICE_AFTER, splice_until_eof
 from .streams import ReplayStream
 
-__all__ = ["relay"]
+__all__ = ["FirstBytesCheck", "relay"]
 
 CHUNK = 256 * 1024
 _CLOSED = (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError)
-
-# Linux zero-copy for bulk transfers between two plain TCP sockets: socket → pipe → socket
-# with splice(2), no copy through user space. A direction switches to it only after a chunk of
-# at least SPLICE_AFTER bytes (idle and interactive tunnels keep no pipe or extra descriptors).
-_SPLICE = sys.platform == "linux" and hasattr(os, "splice")
-SPLICE_AFTER = 64 * 1024
-PIPE_SIZE = 1 << 20
 
 
 async def relay(
@@ -37,36 +38,86 @@ async def relay(
     b: anyio.abc.ByteStream,
     *,
     idle_timeout: float,
-    before_forward: Callable[[], Awaitable[bool]] | None = None,
+    first_bytes: FirstBytesCheck | None = None,
+    first_bytes_timeout: float = 10.0,
 ) -> tuple[int, int]:
     """Copy a→b and b→a until both directions end, one breaks, or nothing moves for
     `idle_timeout` seconds. Both streams are closed on return.
 
-    `before_forward` runs in the a→b direction before its first byte is copied (b→a flows
-    meanwhile); returning False ends the relay.
+    Args:
+        first_bytes: holds back the a→b direction until it accepts a's first bytes (b→a
+            flows meanwhile); a refusal ends the relay.
+        first_bytes_timeout: how long after a's first byte `first_bytes` may keep asking for
+            more before it is asked to decide.
 
     Returns:
         bytes copied (a→b, b→a).
     """
+    inner = a.inner if isinstance(a, ReplayStream) else a
+    if linkable(inner) and linkable(b) and inner is not b:
+        prefix = a.take_pending() if isinstance(a, ReplayStream) else b""
+        try:
+            return await run_linked(
+                inner,
+                b,
+                prefix,
+                idle_timeout=idle_timeout,
+                check=first_bytes,
+                check_timeout=first_bytes_timeout,
+            )
+        finally:
+            if isinstance(a, ReplayStream):
+                a.mark_closed()
+            abort(inner)
+            abort(b)
+    return await _pump_relay(
+        a, b, idle_timeout=idle_timeout, check=first_bytes, check_timeout=first_bytes_timeout
+    )
+
+
+# --- pumps (any stream) -----------------------------------------------------------------------
+
+
+async def _pump_relay(
+    a: anyio.abc.ByteStream,
+    b: anyio.abc.ByteStream,
+    *,
+    idle_timeout: float,
+    check: FirstBytesCheck | None,
+    check_timeout: float,
+) -> tuple[int, int]:
     last = time.monotonic()
     counts = [0, 0]
     finished = 0
 
+    def touch() -> None:
+        nonlocal last
+        last = time.monotonic()
+
     async def pump(src: anyio.abc.ByteStream, dst: anyio.abc.ByteStream, index: int) -> None:
-        nonlocal last, finished
-        if index == 0 and before_forward is not None and not await before_forward():
-            tg.cancel_scope.cancel()
-            return
+        nonlocal finished
         try:
+            if index == 0 and check is not None:
+                first = await _first_bytes(src, check, check_timeout)
+                if first is None:
+                    tg.cancel_scope.cancel()
+                    return
+                data, eof = first
+                if data:
+                    touch()
+                    counts[0] += len(data)
+                    await dst.send(data)
+                if eof:
+                    raise anyio.EndOfStream
             while True:
                 data = await src.receive(CHUNK)
-                last = time.monotonic()
+                touch()
                 counts[index] += len(data)
                 await dst.send(data)
                 if _SPLICE and len(data) >= SPLICE_AFTER:
                     fds = _splice_fds(src, dst)
                     if fds is not None:
-                        await _splice(*fds, index)
+                        await splice_until_eof(*fds, counts, index, touch)
                         raise anyio.EndOfStream
         except anyio.EndOfStream:
             try:
@@ -79,39 +130,6 @@ async def relay(
         finished += 1
         if finished == 2:
             tg.cancel_scope.cancel()
-
-    async def _splice(src_fd: int, dst_fd: int, index: int) -> None:
-        """Copy src → dst with splice(2) until EOF (returns) or an error (raises OSError)."""
-        nonlocal last
-        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-        with contextlib.ExitStack() as stack:
-            # Own duplicates: the event loop refuses to watch a descriptor a transport owns.
-            src_dup, dst_dup = os.dup(src_fd), os.dup(dst_fd)
-            stack.callback(os.close, src_dup)
-            stack.callback(os.close, dst_dup)
-            pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            stack.callback(os.close, pipe_r)
-            stack.callback(os.close, pipe_w)
-            with contextlib.suppress(OSError):
-                import fcntl
-
-                fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-            while True:
-                try:
-                    n = os.splice(src_dup, pipe_w, PIPE_SIZE, flags=flags)
-                except BlockingIOError:
-                    await anyio.wait_readable(src_dup)
-                    continue
-                if n == 0:
-                    return
-                last = time.monotonic()
-                counts[index] += n
-                while n:
-                    try:
-                        n -= os.splice(pipe_r, dst_dup, n, flags=flags)
-                    except BlockingIOError:
-                        await anyio.wait_writable(dst_dup)
-                await anyio.lowlevel.checkpoint()
 
     async def watchdog() -> None:
         while (remaining := last + idle_timeout - time.monotonic()) > 0:
@@ -128,6 +146,29 @@ async def relay(
             await a.aclose()
             await b.aclose()
     return counts[0], counts[1]
+
+
+async def _first_bytes(
+    src: anyio.abc.ByteStream, check: FirstBytesCheck, timeout: float
+) -> tuple[bytes, bool] | None:
+    """Read until `check` decides: (bytes to forward, end of input), or None if refused."""
+    data = b""
+    eof = False
+    verdict = check(data, False)
+    with anyio.CancelScope() as scope:
+        while verdict is None:
+            try:
+                chunk = await src.receive(CHUNK)
+            except anyio.EndOfStream:
+                eof = True
+                break
+            if not data:
+                scope.deadline = anyio.current_time() + timeout
+            data += chunk
+            verdict = check(data, False)
+    if verdict is None:  # end of input, or `timeout` after the first byte
+        verdict = bool(check(data, True))
+    return (data, eof) if verdict else None
 
 
 def _splice_fds(src: anyio.abc.ByteStream, dst: anyio.abc.ByteStream) -> tuple[int, int] | None:

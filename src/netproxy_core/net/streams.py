@@ -18,12 +18,19 @@ __all__ = ["ReplayStream", "peek"]
 class ReplayStream(anyio.abc.ByteStream):
     """Wraps `inner`; `receive` returns `prefix` before reading from `inner`."""
 
+    __slots__ = ("_closed", "_prefix", "inner")
+
     def __init__(self, inner: anyio.abc.ByteStream, prefix: bytes = b"") -> None:
         self.inner = inner
         self._prefix = prefix
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"<ReplayStream pending={len(self._prefix)} inner={self.inner!r}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def pending(self) -> bytes:
@@ -31,6 +38,15 @@ class ReplayStream(anyio.abc.ByteStream):
 
     def push_front(self, data: bytes) -> None:
         self._prefix = data + self._prefix
+
+    def take_pending(self) -> bytes:
+        """Remove and return the bytes not yet received (the caller reads `inner` itself)."""
+        data, self._prefix = self._prefix, b""
+        return data
+
+    def mark_closed(self) -> None:
+        """`inner` was closed by other means: `aclose` has nothing left to do."""
+        self._closed = True
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         if self._prefix:
@@ -45,7 +61,9 @@ class ReplayStream(anyio.abc.ByteStream):
         await self.inner.send_eof()
 
     async def aclose(self) -> None:
-        await self.inner.aclose()
+        if not self._closed:
+            self._closed = True
+            await self.inner.aclose()
 
     @property
     def extra_attributes(self) -> Any:

@@ -1,0 +1,453 @@
+"""The linked relay engine: both transports of a tunnel driven by protocol callbacks.
+
+Used by `relay.relay` when both ends are plain TCP streams of anyio's asyncio backend. The
+engine borrows both transports by installing its own protocols (`_End`): a read is one
+callback that writes straight to the other transport; a full send buffer (`HIGH_WATER`) pauses
+reading on the other side; end of input is passed on as a half-close; one timer per event loop
+keeps every link's idle clock (`_IdleClock`). An idle tunnel costs two small protocol objects
+and the caller's waiting task — no task per direction, no watchdog. anyio's read queue and
+events are dropped while a transport is borrowed and rebuilt when it is handed back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from .splice import AVAILABLE as _SPLICE
+from .splice import SPLICE_AFTER, splice_until_eof
+
+__all__ = ["FirstBytesCheck", "abort", "linkable", "run_linked"]
+
+try:  # anyio's asyncio backend (private; checked by type, used through a few attributes)
+    from anyio._backends._asyncio import SocketStream as _AioStream
+    from anyio._backends._asyncio import StreamProtocol as _AioProtocol
+except ImportError:  # pragma: no cover - another anyio layout: pumps only
+    _AioStream = None  # type: ignore[assignment,misc]
+    _AioProtocol = None  # type: ignore[assignment,misc]
+
+HIGH_WATER = 256 * 1024  # bytes queued in a linked transport before the other side stops reading
+_NO_DIRECTION = 2
+
+# Sans-IO check of the first bytes of the a→b direction: called with every byte a sent so far
+# and whether more can come (False) or not (True: end of input, or `first_bytes_timeout` after
+# the first byte). Returns None for "need more", True to forward them, False to end the relay.
+FirstBytesCheck = Callable[[bytes, bool], bool | None]
+
+
+async def run_linked(
+    a: Any,
+    b: Any,
+    prefix: bytes,
+    *,
+    idle_timeout: float,
+    check: FirstBytesCheck | None,
+    check_timeout: float,
+) -> tuple[int, int]:
+    """Relay between two `linkable` streams until done; hands both transports back to their
+    streams (the caller closes them). `prefix`: bytes read from `a` already."""
+    link = _Link(a, b, idle_timeout, check, check_timeout)
+    try:
+        link.start(prefix)
+        while not link.finished:  # callbacks do the work; this task waits (or splices)
+            if link.splice_dir is not None and not link.spliced:
+                link.spliced = True
+                await link.splice(link.splice_dir)
+            else:
+                link.waiter = link.loop.create_future()
+                await link.waiter
+    finally:
+        link.release()
+    return link.counts[0], link.counts[1]
+
+
+def linkable(stream: anyio.abc.ByteStream) -> bool:
+    """An anyio asyncio TCP stream whose transport can be borrowed right now."""
+    if _AioStream is None or type(stream) is not _AioStream:
+        return False
+    protocol: Any = stream._protocol
+    transport: Any = stream._transport
+    return (
+        isinstance(protocol, _AioProtocol)  # anyio's, or a subclass (`net.listener`'s)
+        and hasattr(protocol, "read_queue")
+        and protocol.exception is None
+        and not stream._closed
+        and not transport.is_closing()
+        and transport.get_protocol() is protocol
+        and transport.get_extra_info("socket") is not None
+    )
+
+
+def abort(stream: anyio.abc.ByteStream) -> None:
+    """anyio's `aclose()` without its checkpoint (so it also runs when cancelled)."""
+    stream._closed = True  # type: ignore[attr-defined]
+    stream._transport.abort()  # type: ignore[attr-defined]
+
+
+class _End(asyncio.Protocol):
+    """One borrowed transport of a `_Link`."""
+
+    __slots__ = (
+        "eof",
+        "error",
+        "index",
+        "link",
+        "lost",
+        "reading",
+        "saved",
+        "stream",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, link: _Link, index: int, stream: Any) -> None:
+        self.link = link
+        self.index = index
+        self.stream = stream
+        self.transport: Any = stream._transport
+        self.saved: Any = None  # anyio's protocol while we hold the transport
+        self.eof = False
+        self.lost = False
+        self.error: Exception | None = None
+        self.write_paused = False
+        self.reading = False
+
+    def borrow(self) -> bytes:
+        """Install this protocol; returns what anyio had read already."""
+        protocol = self.stream._protocol
+        pending = b"".join(protocol.read_queue)
+        self.eof = protocol.is_at_eof
+        self.write_paused = not protocol.write_event.is_set()
+        # anyio's queue and events are rebuilt by `give_back`: an idle tunnel keeps neither.
+        del protocol.read_queue, protocol.read_event, protocol.write_event
+        self.saved = protocol
+        self.transport.set_protocol(self)
+        self.transport.set_write_buffer_limits(HIGH_WATER)
+        return pending
+
+    def give_back(self) -> None:
+        protocol, self.saved = self.saved, None
+        if protocol is None:
+            return
+        protocol.read_queue = deque()
+        protocol.read_event = asyncio.Event()
+        protocol.write_event = asyncio.Event()
+        protocol.write_event.set()
+        self.set_reading(False)
+        self.transport.set_protocol(protocol)
+        if self.eof:
+            protocol.eof_received()
+        if self.lost:
+            protocol.connection_lost(self.error)
+        elif not self.transport.is_closing():
+            self.transport.set_write_buffer_limits(0)
+
+    def set_reading(self, want: bool) -> None:
+        if want != self.reading and not self.lost and not self.transport.is_closing():
+            self.reading = want
+            if want:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+
+    def fd(self) -> int:
+        return int(self.transport.get_extra_info("socket").fileno())
+
+    # asyncio.Protocol
+    def data_received(self, data: bytes) -> None:
+        self.link.received(self.index, data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.link.ended(self.index)
+        return True  # keep our write side open (half-close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost, self.error, self.reading = True, exc, False
+        self.link.finish()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.link.update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.link.update_reading()
+        if self.link.draining:
+            self.link.writable()
+
+
+class _Link:
+    """Both directions of one tunnel driven by transport callbacks (see the module doc)."""
+
+    __slots__ = (
+        "check",
+        "check_buffer",
+        "check_timeout",
+        "check_timer",
+        "counts",
+        "draining",
+        "ends",
+        "eofs",
+        "finished",
+        "idle_timeout",
+        "last",
+        "loop",
+        "scope",
+        "splice_dir",
+        "spliced",
+        "waiter",
+    )
+
+    def __init__(
+        self,
+        a: Any,
+        b: Any,
+        idle_timeout: float,
+        check: FirstBytesCheck | None,
+        check_timeout: float,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.ends = (_End(self, 0, a), _End(self, 1, b))
+        self.idle_timeout = idle_timeout
+        self.check = check
+        self.check_timeout = check_timeout
+        self.check_buffer = b""
+        self.check_timer: asyncio.TimerHandle | None = None
+        self.counts = [0, 0]
+        self.eofs = 0
+        self.finished = False
+        self.draining = False
+        self.last = self.loop.time()
+        self.waiter: asyncio.Future[None] | None = None
+        self.scope: anyio.CancelScope | None = None
+        self.splice_dir: int | None = None  # the direction moved by splice(2), once per relay
+        self.spliced = False
+
+    def start(self, prefix: bytes) -> None:
+        """Borrow both transports and take in what was read before."""
+        pending = (prefix + self.ends[0].borrow(), self.ends[1].borrow())
+        if math.isfinite(self.idle_timeout):
+            _IdleClock.watch(self)
+        for index in (0, 1):
+            if pending[index]:
+                self.received(index, pending[index])
+            if self.ends[index].eof and not self.finished:
+                self.ended(index)
+        self.update_reading()
+
+    def release(self) -> None:
+        """Stop (if not already) and hand both transports back to their anyio streams."""
+        self.finish()
+        for end in self.ends:
+            end.give_back()
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        _IdleClock.forget(self)
+        if self.check_timer is not None:
+            self.check_timer.cancel()
+            self.check_timer = None
+        for end in self.ends:
+            end.set_reading(False)
+        if self.scope is not None:
+            self.scope.cancel()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def update_reading(self) -> None:
+        if self.finished:
+            return
+        for index, end in enumerate(self.ends):
+            peer = self.ends[1 - index]
+            end.set_reading(not end.eof and not peer.write_paused and self.splice_dir != index)
+
+    # --- callbacks ----------------------------------------------------------------------------
+
+    def received(self, index: int, data: bytes) -> None:
+        if self.finished:
+            return
+        self.last = self.loop.time()
+        if index == 0 and self.check is not None:
+            if not self.check_buffer and math.isfinite(self.check_timeout):
+                self.check_timer = self.loop.call_later(self.check_timeout, self._checked, True)
+            self.check_buffer += data
+            self._checked(False)
+            return
+        self._forward(index, data)
+
+    def ended(self, index: int) -> None:
+        """End of input on end `index`: pass it on as a half-close."""
+        if self.finished:
+            return
+        self.ends[index].set_reading(False)
+        if index == 0 and self.check is not None:
+            self._checked(True)
+            return
+        dst = self.ends[1 - index]
+        try:
+            dst.transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            self.finish()
+            return
+        self.eofs += 1
+        if self.eofs == 2:
+            self._drain()
+
+    def _checked(self, final: bool) -> None:
+        assert self.check is not None
+        if self.finished:
+            return
+        verdict = self.check(self.check_buffer, final)
+        if verdict is None:
+            if not final:
+                return
+            verdict = False  # a check that cannot decide at the end refuses
+        if self.check_timer is not None:
+            self.check_timer.cancel()
+            self.check_timer = None
+        data, self.check, self.check_buffer = self.check_buffer, None, b""
+        if not verdict:
+            self.finish()
+            return
+        if data:
+            self._forward(0, data)
+        if self.ends[0].eof:
+            self.ended(0)
+
+    def _forward(self, index: int, data: bytes) -> None:
+        self.counts[index] += len(data)
+        dst = self.ends[1 - index].transport
+        try:
+            dst.write(data)
+        except RuntimeError:  # closed, its connection_lost not delivered yet
+            self.finish()
+            return
+        if (
+            _SPLICE
+            and len(data) >= SPLICE_AFTER
+            and self.splice_dir is None
+            and not dst.get_write_buffer_size()
+        ):
+            self.splice_dir = index  # the run loop takes over this direction
+            src = self.ends[index]
+            src.set_reading(False)
+            self._wake()
+
+    def _drain(self) -> None:
+        """Both directions ended: finish once everything written has left user space."""
+        self.draining = True
+        busy = False
+        for end in self.ends:
+            if not end.lost and end.transport.get_write_buffer_size():
+                busy = True
+                end.transport.set_write_buffer_limits(0)  # resume_writing only when empty
+        if not busy:
+            self.finish()
+
+    def writable(self) -> None:
+        if self.draining and not any(
+            not end.lost and end.transport.get_write_buffer_size() for end in self.ends
+        ):
+            self.finish()
+
+    # --- splice -------------------------------------------------------------------------------
+
+    async def splice(self, index: int) -> None:
+        """Move direction `index` with splice(2) until its end of input (or the relay's)."""
+        src, dst = self.ends[index], self.ends[1 - index]
+        try:
+            fds = src.fd(), dst.fd()
+        except (AttributeError, OSError, ValueError):
+            fds = (-1, -1)
+        if min(fds) < 0:
+            self.splice_dir = _NO_DIRECTION  # cannot: back to copying
+            self.update_reading()
+            return
+        failed = False
+        with anyio.CancelScope() as scope:
+            self.scope = scope
+            try:
+                await splice_until_eof(fds[0], fds[1], self.counts, index, self._touch)
+            except OSError:
+                failed = True
+        self.scope = None
+        if failed:
+            self.finish()
+        elif not self.finished:
+            src.eof = True
+            self.ended(index)
+
+    def _touch(self) -> None:
+        self.last = self.loop.time()
+
+
+class _IdleClock:
+    """The idle deadline of every linked relay on one event loop, kept by one timer.
+
+    A timer per tunnel costs more memory than the rest of an idle tunnel's relay; instead
+    one loop timer ticks while links exist and ends those idle for their `idle_timeout`. The
+    tick is an eighth of the shortest timeout watched (10 ms to 1 s), so a link ends at most
+    that late.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.links: dict[_Link, None] = {}
+        self.tick = math.inf
+        self.timer: asyncio.TimerHandle | None = None
+
+    @staticmethod
+    def watch(link: _Link) -> None:
+        clock = _clocks.get(link.loop)
+        if clock is None:
+            clock = _clocks[link.loop] = _IdleClock(link.loop)
+        clock.links[link] = None
+        tick = _tick(link.idle_timeout)
+        if tick < clock.tick:
+            clock.tick = tick
+            if clock.timer is not None:
+                clock.timer.cancel()
+            clock.timer = clock.loop.call_later(tick, clock._check)
+
+    @staticmethod
+    def forget(link: _Link) -> None:
+        clock = _clocks.get(link.loop)
+        if clock is None or link not in clock.links:
+            return
+        del clock.links[link]
+        if not clock.links:  # no timer and no clock while no tunnel is linked
+            if clock.timer is not None:
+                clock.timer.cancel()
+            del _clocks[clock.loop]
+
+    def _check(self) -> None:
+        self.timer = None
+        now = self.loop.time()
+        tick = math.inf
+        for link in [link for link in self.links if link.last + link.idle_timeout <= now]:
+            link.finish()  # forgets it
+        for link in self.links:
+            tick = min(tick, _tick(link.idle_timeout))
+        self.tick = tick
+        if self.links:
+            self.timer = self.loop.call_later(tick, self._check)
+
+
+_clocks: dict[asyncio.AbstractEventLoop, _IdleClock] = {}
+
+
+def _tick(idle_timeout: float) -> float:
+    return min(1.0, max(0.01, idle_timeout / 8))
