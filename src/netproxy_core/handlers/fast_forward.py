@@ -36,32 +36,27 @@ from ..net.adopt import Adopted, adoptable
 from ..policy.model import NetworkDecision, NetworkPolicyRequest, Protocol
 from ..proto.h1_fast import (
     RequestHead,
-    body_length,
+    SimpleRequest,
     find_head_end,
     keep_alive,
-    parse_request_head,
     parse_response_head,
     serialize_request,
     serialize_response_head,
+    simple_request,
+    simple_response_length,
 )
-from ..proto.http_head import Forward, classify, head_size, oversize_request, strip_hop_by_hop
+from ..proto.http_head import Forward, classify, strip_hop_by_hop
 from .context import ProxyContext
 from .decide import decide
 from .forward import origin_request
 from .http import HttpSession, serve_http_client
 from .origin import Origin, open_origin
-from .unix import UNIX_SOCKET_HEADER
 
 __all__ = ["serve_http_connection"]
 
 log = logging.getLogger("netproxy.proxy")
 
-MAX_BODY: Final = 1 << 16  # a request body larger than this takes the h11 path
 READ_PAUSE: Final = 1 << 18  # stop reading a client that has this much unconsumed input
-# Requests carrying these are the h11 path's (each needs its machinery: SPEC §5.5, §5.6, §6).
-_SLOW_HEADERS: Final = frozenset(
-    {b"transfer-encoding", b"upgrade", b"expect", b"proxy-authorization", UNIX_SOCKET_HEADER}
-)
 
 
 async def serve_http_connection(
@@ -82,11 +77,12 @@ Handoff = Callable[[HttpSession], Awaitable[None]]
 
 @dataclass(slots=True)
 class _Plan:
-    head: RequestHead
+    request: SimpleRequest
     target: Forward
-    raw: bytes  # the request as the client sent it: head and body
-    body: bytes
-    keep_alive: bool  # the client connection stays open after this exchange
+
+    @property
+    def head(self) -> RequestHead:
+        return self.request.head
 
 
 class _Outcome(Enum):
@@ -248,19 +244,8 @@ class _OriginLink(Adopted):
                 self.finish(_Outcome.FALLBACK)
             return
         head = parse_response_head(bytes(self.buffer[:end]))
-        length = body_length(head.headers) if head is not None else None
-        if head is None or length is None or head.status < 200:
-            self.finish(_Outcome.FALLBACK)
-            return
-        # As h11's path measures it (normalised fields can be a byte per field longer).
-        if head.size + len(head.headers) > self.limit and (
-            head_size(len(head.reason) + 13, head.headers) > self.limit
-        ):
-            self.finish(_Outcome.FALLBACK)  # h11's path answers 502 for an oversized head
-            return
-        if head.status in (204, 304) or (self.bodiless and length >= 0):
-            length = 0
-        elif length < 0:  # close-delimited, or a HEAD answer h11 frames as chunked
+        length = simple_response_length(head, bodiless=self.bodiless, limit=self.limit)
+        if head is None or length is None:
             self.finish(_Outcome.FALLBACK)
             return
         if not keep_alive(head.version, head.headers):
@@ -352,7 +337,7 @@ class _FastSession:
                 if not isinstance(served, bool):
                     handoff = served
                     return handoff
-                if not served or not plan.keep_alive:
+                if not served or not plan.request.keep_alive:
                     return None
                 first = False
         finally:
@@ -371,38 +356,21 @@ class _FastSession:
         """The request at the front of the buffer, if the fast path may serve it."""
         ctx, client = self.ctx, self.client
         config = ctx.config
-        limit = config.limits.max_header_bytes
-        if end > limit or config.proxy_auth_token:
-            return None
-        if ctx.broker is not None and config.dangerously_allow_plaintext_credential_injection:
-            return None
-        head = parse_request_head(bytes(client.buffer[:end]))
-        if head is None or head.method == b"CONNECT":
-            return None
-        hosts = 0
-        for name, _ in head.headers:
-            if name in _SLOW_HEADERS:
-                return None
-            hosts += name == b"host"
-        if hosts > 1 or (hosts == 0 and head.version == b"1.1"):
-            return None
-        framed = body_length(head.headers)
-        if framed is None:
-            return None
-        length = max(framed, 0)
-        if length > MAX_BODY or end + length > len(client.buffer):
-            return None
-        if end + len(head.headers) > limit and (
-            oversize_request(head.method, head.target, head.headers, limit) is not None
+        if config.proxy_auth_token or (
+            ctx.broker is not None and config.dangerously_allow_plaintext_credential_injection
         ):
             return None
+        simple = simple_request(client.buffer, end, config.limits.max_header_bytes)
+        if simple is None:
+            return None
+        head = simple.head
         target = classify(head.method, head.target, head.headers)
         if not isinstance(target, Forward) or target.scheme != "http":
             return None
         if ctx.state.rules.is_hooked(target.host):
             return None
-        raw = client.consume(end + length)
-        return _Plan(head, target, raw, raw[end:], keep_alive(head.version, head.headers))
+        client.consume(len(simple.raw))
+        return _Plan(simple, target)
 
     async def _serve_one(self, plan: _Plan) -> Handoff | bool:
         """Decide and forward one request: True = served, False = close, or a handoff."""
@@ -420,13 +388,13 @@ class _FastSession:
         if isinstance(link, Origin):  # not a borrowable stream (e.g. TLS to a proxy)
             return self._to_session_decided(plan, decision, origin=link)
         path, headers = origin_request(head.headers, target, link.origin.via, upgrade=False)
-        outgoing = serialize_request(head.method, path, headers) + plan.body
+        outgoing = serialize_request(head.method, path, headers) + plan.request.body
         limits = ctx.limits
         outcome = await link.exchange(
             self.client,
             outgoing,
             bodiless=head.method == b"HEAD",
-            close=not plan.keep_alive,
+            close=not plan.request.keep_alive,
             limit=limits.max_header_bytes,
             idle=limits.idle_timeout,
         )
@@ -478,7 +446,7 @@ class _FastSession:
     def _take_input(self, plan: _Plan) -> bytes:
         """The request plus everything the client sent after it, for h11."""
         rest = self.client.consume(len(self.client.buffer))
-        return plan.raw + rest
+        return plan.request.raw + rest
 
     def _to_session_decided(
         self,
@@ -511,7 +479,7 @@ class _FastSession:
                 plan.target,
                 link.origin,
                 link.key,
-                (plan.head.method, path, headers, plan.body),
+                (plan.head.method, path, headers, plan.request.body),
                 received,
             )
 

@@ -31,7 +31,7 @@ from .origin import Origin, open_origin
 if TYPE_CHECKING:
     from .http import HttpSession
 
-__all__ = ["READ_SIZE", "ClientGone", "OriginForwarder", "origin_request"]
+__all__ = ["READ_SIZE", "ClientGone", "OriginForwarder", "origin_request", "upstream_io"]
 
 READ_SIZE = 65536
 
@@ -175,7 +175,7 @@ class OriginForwarder:
         pending = bytearray()  # response bytes for the client, sent before the next wait
         response_started = False
         try:
-            with _upstream_io(target):
+            with upstream_io(target):
                 response_started = await run(pending)
         except _Switched:
             return False
@@ -312,7 +312,7 @@ class OriginForwarder:
         self._origin = None
 
 
-class _upstream_io:
+class upstream_io:
     """Map stream errors during an exchange to `UpstreamError` (client errors pass)."""
 
     def __init__(self, target: Forward) -> None:

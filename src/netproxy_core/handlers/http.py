@@ -236,22 +236,26 @@ class HttpSession:
         *,
         origin: Origin | None = None,
         failure: UpstreamError | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        """Answer a request already in `conn` that the fast path decided, then serve on.
+        """Answer a request already in `conn` that a fast path decided, then serve on.
 
-        `failure` is the origin's failure to answer; `origin` a connection already opened.
+        `failure` is the origin's failure to answer; `origin` a connection already opened;
+        `headers` the request's after a MITM hook or broker rewrite.
         """
         request = self.conn.next_event()
         assert isinstance(request, h11.Request), request  # the fast path's heads are h11's
-        headers = list(request.headers)
+        if headers is None:
+            headers = list(request.headers)
         method = request.method.decode("ascii")
+        protocol = Protocol.HTTP if self.inner is None else Protocol.HTTPS
 
         async def answer() -> bool:
             if failure is not None:
                 await self.upstream_failed(failure)
                 return False
             if not decision.allowed:
-                return await self._refused(decision, target, Protocol.HTTP, method)
+                return await self._refused(decision, target, protocol, method)
             if origin is not None:
                 key = (target.scheme, target.host, target.port, decision.addresses)
                 self.origins.install(origin, key, self.origins.new_client())

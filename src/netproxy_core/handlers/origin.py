@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import anyio
 import anyio.abc
-from anyio.streams.tls import TLSStream
 
 from ..errors import UpstreamError
 from ..hosts import format_host_port
 from ..net.dial import dial_addresses
+from ..net.tls import start_tls
 from ..net.upstream import UpstreamProxy, open_connect_tunnel
 from ..policy.engine import find_route
 from ..policy.model import NetworkDecision
@@ -85,14 +85,17 @@ async def open_origin(
     return Origin(stream, via)
 
 
-async def _wrap_tls(ctx: ProxyContext, stream: anyio.abc.ByteStream, host: str) -> TLSStream:
+async def _wrap_tls(
+    ctx: ProxyContext, stream: anyio.abc.ByteStream, host: str
+) -> anyio.abc.ByteStream:
     try:
         with anyio.fail_after(ctx.limits.handshake_timeout):
-            return await TLSStream.wrap(
+            return await start_tls(
                 stream,
+                ctx.origin_tls(),
+                server_side=False,
                 hostname=host.partition("%")[0],
-                ssl_context=ctx.origin_tls(),
-                standard_compatible=False,
+                handshake_timeout=ctx.limits.handshake_timeout,
             )
     except TimeoutError:
         await stream.aclose()

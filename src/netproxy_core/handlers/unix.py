@@ -25,7 +25,7 @@ from ..policy.model import (
     Scope,
     Source,
 )
-from ..proto.http_head import Forward, header_value, strip_hop_by_hop
+from ..proto.http_head import UNIX_SOCKET_HEADER, Forward, header_value, strip_hop_by_hop
 from .decide import refuse
 from .origin import Origin
 
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 __all__ = ["UNIX_SOCKET_HEADER", "is_socket_allowed", "serve_unix_request"]
 
-UNIX_SOCKET_HEADER: Final = b"x-unix-socket"
 UNIX_HOST: Final = "unix-socket"
 SUPPORTED: Final = sys.platform.startswith(("linux", "darwin"))
 

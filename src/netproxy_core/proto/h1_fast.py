@@ -17,11 +17,13 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from .http_head import Headers
+from .http_head import UNIX_SOCKET_HEADER, Headers, head_size, oversize_request
 
 __all__ = [
+    "MAX_BODY",
     "RequestHead",
     "ResponseHead",
+    "SimpleRequest",
     "body_length",
     "find_head_end",
     "keep_alive",
@@ -29,6 +31,8 @@ __all__ = [
     "parse_response_head",
     "serialize_request",
     "serialize_response_head",
+    "simple_request",
+    "simple_response_length",
 ]
 
 # h11/_abnf.py, verbatim in meaning (RFC 9110 §5.5, RFC 9112 §3, §4).
@@ -44,6 +48,12 @@ _STATUS_LINE: Final = re.compile(
 )
 _DIGITS: Final = re.compile(rb"[0-9]{1,18}")
 _CRLF: Final = b"\r\n"
+
+MAX_BODY: Final = 1 << 16  # a request body larger than this is streamed by h11
+# Requests carrying these need the h11 path's machinery (SPEC §5.5, §5.6, §5.10, §6).
+_SLOW_HEADERS: Final = frozenset(
+    {b"transfer-encoding", b"upgrade", b"expect", b"proxy-authorization", UNIX_SOCKET_HEADER}
+)
 
 
 @dataclass(slots=True)
@@ -111,6 +121,75 @@ def parse_response_head(head: bytes) -> ResponseHead | None:
     if headers is None:
         return None
     return ResponseHead(m.group(1), int(m.group(2)), m.group(3) or b"", headers, len(head))
+
+
+@dataclass(slots=True)
+class SimpleRequest:
+    """A request a fast path may serve: its head, whole body and raw bytes."""
+
+    head: RequestHead
+    host: bytes | None  # the Host field, if any
+    raw: bytes  # head and body as the client sent them
+    body: bytes
+    keep_alive: bool  # the client connection stays open after the exchange
+
+
+def simple_request(data: bytes | bytearray, end: int, limit: int) -> SimpleRequest | None:
+    """The request whose head is `data[:end]`, if it is simple; None leaves it to h11.
+
+    Simple: a head within `limit` bytes (as h11's path measures it too) that parses strictly,
+    not CONNECT, none of the fields that need h11's machinery, one Host at most (one for
+    HTTP/1.1), and a body of at most `MAX_BODY` bytes framed by one Content-Length and
+    already in `data`.
+    """
+    if end > limit:
+        return None
+    head = parse_request_head(bytes(data[:end]))
+    if head is None or head.method == b"CONNECT":
+        return None
+    host: bytes | None = None
+    for name, value in head.headers:
+        if name in _SLOW_HEADERS:
+            return None
+        if name == b"host":
+            if host is not None:
+                return None
+            host = value
+    if host is None and head.version == b"1.1":
+        return None
+    framed = body_length(head.headers)
+    if framed is None:
+        return None
+    length = max(framed, 0)
+    if length > MAX_BODY or end + length > len(data):
+        return None
+    if end + len(head.headers) > limit and (
+        oversize_request(head.method, head.target, head.headers, limit) is not None
+    ):
+        return None  # normalised fields can be a byte longer each than on the wire
+    raw = bytes(data[: end + length])
+    return SimpleRequest(head, host, raw, raw[end:], keep_alive(head.version, head.headers))
+
+
+def simple_response_length(head: ResponseHead | None, *, bodiless: bool, limit: int) -> int | None:
+    """Body bytes to relay for a response a fast path frames itself; None leaves it to h11.
+
+    Simple: a final (2xx-5xx) head within `limit` as h11's path measures it, framed by one
+    Content-Length, or bodiless (204, 304, or a HEAD answer that states its length; h11
+    frames a HEAD answer without one as chunked).
+    """
+    if head is None or head.status < 200:
+        return None
+    length = body_length(head.headers)
+    if length is None:
+        return None
+    if head.size + len(head.headers) > limit and (
+        head_size(len(head.reason) + 13, head.headers) > limit
+    ):
+        return None  # h11's path answers 502 for an oversized head
+    if head.status in (204, 304) or (bodiless and length >= 0):
+        return 0
+    return None if length < 0 else length  # no length: close-delimited
 
 
 def body_length(headers: Headers) -> int | None:

@@ -22,6 +22,7 @@ from ..policy.model import Reason
 __all__ = [
     "DEFAULT_PORTS",
     "TE_AND_CL",
+    "UNIX_SOCKET_HEADER",
     "Connect",
     "Forward",
     "Headers",
@@ -40,6 +41,7 @@ __all__ = [
 
 Headers = Sequence[tuple[bytes, bytes]]
 
+UNIX_SOCKET_HEADER: Final = b"x-unix-socket"  # SPEC §6: a request for a local unix socket
 _AUTHORITY_END: Final = re.compile(r"[/?#]")
 DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 _HOP_BY_HOP: Final = frozenset(
