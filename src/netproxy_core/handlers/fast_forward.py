@@ -7,9 +7,12 @@ both sockets' transports (`net.adopt`), parses heads with the strict h11-subset 
 `proto.h1_fast`, makes the request's one policy decision through the same `decide()`, and
 relays the response from the origin's data callback straight into the client's transport.
 
+A simple CONNECT is decided here too; its tunnel then runs on the anyio stream as on the h11
+path (`tunnel.run_tunnel`), with only the `200` written directly.
+
 Everything else goes to the h11 path (`HttpSession`), which answers exactly as before:
-- before a decision (CONNECT, a partial or malformed head, a body still arriving, Upgrade,
-  Expect, Transfer-Encoding, proxy auth, MITM-hooked hosts, the unix-socket header, …) the
+- before a decision (a partial or malformed head, a body still arriving, Upgrade, Expect,
+  Transfer-Encoding, proxy auth, MITM-hooked hosts, the unix-socket header, …) the
   connection is handed over with every byte it sent;
 - after a decision (a refusal, an origin that cannot be dialled or borrowed) the session is
   given the request and the decision, so nothing is decided or audited twice;
@@ -45,12 +48,13 @@ from ..proto.h1_fast import (
     simple_request,
     simple_response_length,
 )
-from ..proto.http_head import Forward, classify, strip_hop_by_hop
+from ..proto.http_head import Connect, Forward, classify, strip_hop_by_hop
 from .context import ProxyContext
 from .decide import decide
-from .forward import origin_request
+from .forward import ClientGone, origin_request
 from .http import HttpSession, serve_http_client
 from .origin import Origin, open_origin
+from .tunnel import Established, TunnelTarget, mitm_unavailable, run_tunnel
 
 __all__ = ["serve_http_connection"]
 
@@ -67,7 +71,9 @@ async def serve_http_connection(
         await serve_http_client(ctx, stream, client_addr)
         return
     handoff = await _FastSession(ctx, stream, client_addr).serve()
-    if handoff is not None:
+    if isinstance(handoff, _Tunnel):
+        await handoff.run(ctx, stream, client_addr)
+    elif handoff is not None:
         await serve_http_client(ctx, stream, client_addr, resume=handoff)
 
 
@@ -83,6 +89,55 @@ class _Plan:
     @property
     def head(self) -> RequestHead:
         return self.request.head
+
+
+@dataclass(slots=True)
+class _Tunnel:
+    """A CONNECT the fast path decided; its tunnel runs once the client stream is anyio's again.
+
+    Only the `200` is written here; a refusal or a failed dial is answered by an h11 session
+    that has read the request, exactly as on the h11 path.
+    """
+
+    request: SimpleRequest
+    target: Connect
+    decision: NetworkDecision
+    leftover: bytes  # what the client sent after the CONNECT head
+
+    async def run(
+        self, ctx: ProxyContext, stream: anyio.abc.ByteStream, client_addr: str | None
+    ) -> None:
+        session: HttpSession | None = None
+
+        def answering() -> HttpSession:
+            nonlocal session
+            if session is None:
+                session = HttpSession(ctx, stream, client_addr)
+                session.take_request(self.request.raw)
+            return session
+
+        established = serialize_response_head(
+            200, b"Connection established", [], close=not self.request.keep_alive
+        )
+
+        async def reply(outcome: Established | UpstreamError | NetworkDecision) -> None:
+            if not isinstance(outcome, Established):
+                await answering().answer_tunnel(self.target, outcome)
+                return
+            try:
+                await stream.send(established)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                raise ClientGone from None
+
+        try:
+            if not self.decision.allowed:
+                await answering().answer_tunnel(self.target, self.decision)
+                return
+            host, port = self.target.host, self.target.port
+            tunnel = TunnelTarget(host, port, Protocol.HTTPS_CONNECT, client_addr)
+            await run_tunnel(ctx, stream, tunnel, self.decision, reply, leftover=self.leftover)
+        except ClientGone:
+            return
 
 
 class _Outcome(Enum):
@@ -314,11 +369,11 @@ class _FastSession:
         self.client_addr = client_addr
         self.origin: _OriginLink | None = None
 
-    async def serve(self) -> Handoff | None:
+    async def serve(self) -> Handoff | _Tunnel | None:
         client = self.client
         client.adopt()
         first = True
-        handoff: Handoff | None = None
+        handoff: Handoff | _Tunnel | None = None
         try:
             while True:
                 end = find_head_end(client.buffer)
@@ -329,6 +384,9 @@ class _FastSession:
                     if client.eof or client.lost or not await self._wait_for_input(first):
                         return None
                     continue
+                if client.buffer.startswith(b"CONNECT "):
+                    handoff = await self._tunnel(end) or self._to_session(first, head_started=False)
+                    return handoff
                 plan = self._plan(end)
                 if plan is None:
                     handoff = self._to_session(first, head_started=False)
@@ -371,6 +429,24 @@ class _FastSession:
             return None
         client.consume(len(simple.raw))
         return _Plan(simple, target)
+
+    async def _tunnel(self, end: int) -> _Tunnel | None:
+        """Decide a simple CONNECT at the front of the buffer (its tunnel runs later)."""
+        ctx, client = self.ctx, self.client
+        if ctx.config.proxy_auth_token:
+            return None
+        simple = simple_request(client.buffer, end, ctx.limits.max_header_bytes, connect=True)
+        if simple is None:
+            return None
+        head = simple.head
+        target = classify(head.method, head.target, head.headers)
+        if not isinstance(target, Connect):
+            return None  # h11's path refuses it and audits that
+        client.consume(len(simple.raw))
+        tunnel = TunnelTarget(target.host, target.port, Protocol.HTTPS_CONNECT, self.client_addr)
+        check = mitm_unavailable(ctx, target.host)
+        decision = await decide(ctx, tunnel.request("CONNECT"), check=check)
+        return _Tunnel(simple, target, decision, client.consume(len(client.buffer)))
 
     async def _serve_one(self, plan: _Plan) -> Handoff | bool:
         """Decide and forward one request: True = served, False = close, or a handoff."""

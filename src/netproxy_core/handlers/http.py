@@ -460,21 +460,34 @@ class HttpSession:
         check = mitm_unavailable(self.ctx, target.host)
         decision = await decide(self.ctx, tunnel.request("CONNECT"), check=check)
         if not decision.allowed:
-            await self._send_blocked_text(decision, target)
+            await self.answer_tunnel(target, decision)
             return
         leftover, _ = self.conn.trailing_data
 
         async def reply(outcome: Established | UpstreamError | NetworkDecision) -> None:
-            if isinstance(outcome, UpstreamError):
-                await self.upstream_failed(outcome)
-            elif isinstance(outcome, NetworkDecision):
-                await self._send_blocked_text(outcome, target)
-            else:
+            if isinstance(outcome, Established):
                 await self.send(
                     h11.Response(status_code=200, headers=[], reason=b"Connection established")
                 )
+            else:
+                await self.answer_tunnel(target, outcome)
 
         await run_tunnel(self.ctx, self.stream, tunnel, decision, reply, leftover=leftover)
+
+    def take_request(self, raw: bytes) -> None:
+        """Read a whole request a fast path already parsed (head and body) into `conn`."""
+        self.conn.receive_data(raw)
+        while not isinstance(self.conn.next_event(), h11.EndOfMessage):
+            pass
+
+    async def answer_tunnel(
+        self, target: Connect, outcome: UpstreamError | NetworkDecision
+    ) -> None:
+        """A CONNECT that gets no tunnel: 502/504 for a dial failure, else the refusal text."""
+        if isinstance(outcome, UpstreamError):
+            await self.upstream_failed(outcome)
+        else:
+            await self._send_blocked_text(outcome, target)
 
     async def _send_blocked_text(self, decision: NetworkDecision, target: Connect) -> None:
         blocked = render_blocked(

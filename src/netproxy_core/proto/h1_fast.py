@@ -38,10 +38,11 @@ __all__ = [
 # h11/_abnf.py, verbatim in meaning (RFC 9110 §5.5, RFC 9112 §3, §4).
 _TOKEN: Final = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
 _FIELD_VCHAR: Final = rb"[^\x00\s]"
-_FIELD_VALUE: Final = rb"(?:" + _FIELD_VCHAR + rb"+(?:[ \t]+" + _FIELD_VCHAR + rb"+)*)?"
-_HEADER: Final = rb"(" + _TOKEN + rb"):[ \t]*(" + _FIELD_VALUE + rb")[ \t]*\r\n"
-_HEADER_BLOCK: Final = re.compile(rb"(?:" + _HEADER + rb")*")
-_HEADER_FIELDS: Final = re.compile(_HEADER)
+# The same language with possessive quantifiers: the grammar is unambiguous at each of them,
+# so nothing a backtrack could find is lost, and a header block validates in one pass.
+_FIELD_VALUE: Final = rb"(?:" + _FIELD_VCHAR + rb"++(?:[ \t]++" + _FIELD_VCHAR + rb"++)*+)?"
+_HEADER: Final = _TOKEN + rb":[ \t]*+" + _FIELD_VALUE + rb"[ \t]*+\r\n"
+_HEADER_BLOCK: Final = re.compile(rb"(?:" + _HEADER + rb")*+")
 _REQUEST_LINE: Final = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/(1\.[01])")
 _STATUS_LINE: Final = re.compile(
     rb"HTTP/(1\.[01]) ([0-9]{3})(?: ((?:[ \t]|" + _FIELD_VCHAR + rb")*))?"
@@ -91,7 +92,11 @@ def _fields(block: bytes) -> list[tuple[bytes, bytes]] | None:
     """Header fields of `block` (each line CRLF-terminated); None unless all are valid."""
     if _HEADER_BLOCK.fullmatch(block) is None:
         return None  # obs-fold, bare CR/LF, NUL, bad name: h11 decides
-    return [(name.lower(), value) for name, value in _HEADER_FIELDS.findall(block)]
+    fields = []
+    for line in block[:-2].split(_CRLF) if block else ():
+        name, _, value = line.partition(b":")
+        fields.append((name.lower(), value.strip(b" \t")))
+    return fields
 
 
 def _split(head: bytes) -> tuple[bytes, bytes]:
@@ -134,18 +139,20 @@ class SimpleRequest:
     keep_alive: bool  # the client connection stays open after the exchange
 
 
-def simple_request(data: bytes | bytearray, end: int, limit: int) -> SimpleRequest | None:
+def simple_request(
+    data: bytes | bytearray, end: int, limit: int, *, connect: bool = False
+) -> SimpleRequest | None:
     """The request whose head is `data[:end]`, if it is simple; None leaves it to h11.
 
     Simple: a head within `limit` bytes (as h11's path measures it too) that parses strictly,
-    not CONNECT, none of the fields that need h11's machinery, one Host at most (one for
-    HTTP/1.1), and a body of at most `MAX_BODY` bytes framed by one Content-Length and
-    already in `data`.
+    CONNECT only when `connect` is asked for (and then with no body), none of the fields that
+    need h11's machinery, one Host at most (one for HTTP/1.1), and a body of at most
+    `MAX_BODY` bytes framed by one Content-Length and already in `data`.
     """
     if end > limit:
         return None
     head = parse_request_head(bytes(data[:end]))
-    if head is None or head.method == b"CONNECT":
+    if head is None or (head.method == b"CONNECT") != connect:
         return None
     host: bytes | None = None
     for name, value in head.headers:
@@ -161,7 +168,7 @@ def simple_request(data: bytes | bytearray, end: int, limit: int) -> SimpleReque
     if framed is None:
         return None
     length = max(framed, 0)
-    if length > MAX_BODY or end + length > len(data):
+    if length > (0 if connect else MAX_BODY) or end + length > len(data):
         return None
     if end + len(head.headers) > limit and (
         oversize_request(head.method, head.target, head.headers, limit) is not None
