@@ -33,7 +33,7 @@ from .handlers.fast_forward import serve_http_connection
 from .handlers.intercept import MitmInterceptor
 from .handlers.socks import serve_socks_client
 from .mitm_hooks import compile_hooks
-from .net.adopt import peer_address
+from .net.adopt import close_now, peer_address
 from .net.listener import TransportListener
 from .net.resolve import Resolver
 from .net.upstream import UpstreamProxies
@@ -538,8 +538,9 @@ class NetworkProxy:
                 log.exception("connection from %s failed", client)
             finally:
                 del self._connections[key]
-                with anyio.CancelScope(shield=True):
-                    await stream.aclose()
+                if not close_now(stream):
+                    with anyio.CancelScope(shield=True):
+                        await stream.aclose()
 
     async def _shutdown(
         self,

@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio.abc
 
-__all__ = ["Adopted", "adoptable", "peer_address"]
+__all__ = ["Adopted", "adoptable", "close_now", "peer_address"]
 
 try:  # anyio's asyncio backend (private: checked by type, used through three attributes)
     from anyio._backends._asyncio import SocketStream as _AnyioSocketStream
@@ -49,6 +49,18 @@ def peer_address(stream: anyio.abc.SocketStream) -> tuple[str, int] | None:
     except (OSError, anyio.TypedAttributeLookupError):
         return None
     return str(address[0]), int(address[1])
+
+
+def close_now(stream: anyio.abc.ByteStream) -> bool:
+    """Close an anyio asyncio TCP stream as its `aclose` does, without the extra loop turn.
+
+    Returns False for any other stream (close that one with `aclose`).
+    """
+    if _AnyioSocketStream is None or type(stream) is not _AnyioSocketStream:
+        return False
+    stream._closed = True
+    stream._transport.abort()
+    return True
 
 
 def adoptable(stream: anyio.abc.ByteStream) -> bool:
