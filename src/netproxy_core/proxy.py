@@ -419,6 +419,7 @@ class NetworkProxy:
             )
         listeners: list[tuple[anyio.abc.Listener[Any], Callable[..., Any]]] = []
         self.ctx.shutting_down = False  # a proxy may be run again after a shutdown
+        self.ctx.origin_pool.reopen()
         try:
             http_host, http_port = self._bind_addr(config.proxy_url, 3128)
             http = await listen(http_host, http_port, "HTTP")
@@ -565,6 +566,7 @@ class NetworkProxy:
                 await anyio.sleep(0.02)
         for conn in list(self._connections.values()):
             conn.scope.cancel()
+        self.ctx.origin_pool.close()
 
 
 async def _listen(host: str, port: int, what: str) -> anyio.abc.Listener[Any]:

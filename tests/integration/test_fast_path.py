@@ -954,3 +954,111 @@ def test_a_client_leaving_mid_response_closes_the_origin_connection(serve: Any) 
         origin.threads[0].join(TIMEOUT)
         assert closed == [True]
         assert events(proxy) == allowed("GET")
+
+
+# --- idle origin connections serve the next client (handlers/origin_pool.py) --------------------
+# Every request is still decided on its own; only the TCP connection to the origin is kept.
+
+
+def one_request(proxy: Any, path: str = "/", extra: bytes = b"") -> Any:
+    client = Client(proxy)
+    try:
+        client.send(get(path, extra=extra))
+        return client.response()
+    finally:
+        client.close()
+
+
+def answer_all(conn: OriginConn) -> None:
+    while (request := conn.request()) is not None:
+        conn.send(ok(b"ok " + request.split(b" ", 2)[1]))
+
+
+def test_the_next_client_reuses_an_idle_origin_connection(serve: Any) -> None:
+    with serve(answer_all) as (proxy, origin):
+        first = one_request(proxy, "/one")
+        second = one_request(proxy, "/two", extra=b"Connection: close\r\n")
+        assert (first.status, first.body) == (200, b"ok /one")
+        assert (second.status, second.body) == (200, b"ok /two")
+        assert len(origin.connections) == 1
+        assert len(origin.requests) == 2
+        assert events(proxy) == allowed("GET", "GET")  # each request decided on its own
+
+
+def test_a_reused_connection_closed_unanswered_is_retried_for_a_get(serve: Any) -> None:
+    accepted: list[OriginConn] = []
+
+    def script(conn: OriginConn) -> None:
+        accepted.append(conn)
+        if len(accepted) > 1:
+            answer_all(conn)
+            return
+        assert conn.request() is not None
+        conn.send(ok(b"first"))
+        conn.request()  # the next request arrives on the kept connection: closed unanswered
+
+    with serve(script) as (proxy, origin):
+        assert one_request(proxy, "/a").body == b"first"
+        again = one_request(proxy, "/b")
+        assert (again.status, again.body) == (200, b"ok /b")
+        assert len(origin.connections) == 2
+        assert [r.split(b" ", 2)[1] for r in origin.requests] == [b"/a", b"/b", b"/b"]
+        assert events(proxy) == allowed("GET", "GET")  # one decision, however many attempts
+
+
+def test_a_post_is_not_repeated_on_a_new_connection(serve: Any) -> None:
+    seen = threading.Event()
+
+    def script(conn: OriginConn) -> None:
+        while (request := conn.request()) is not None:
+            if request.startswith(b"POST"):
+                seen.set()
+                return  # closed unanswered
+            conn.send(ok(b"first"))
+
+    with serve(script) as (proxy, origin):
+        assert one_request(proxy, "/a").status == 200
+        client = Client(proxy)
+        try:
+            body = b"x=1"
+            client.send(
+                b"POST http://%s/p HTTP/1.1\r\nHost: %s\r\ncontent-length: %d\r\n\r\n%s"
+                % (API.encode(), API.encode(), len(body), body)
+            )
+            answer = client.response()
+        finally:
+            client.close()
+        assert seen.wait(TIMEOUT)
+        assert answer.status == 502
+        assert sum(r.startswith(b"POST") for r in origin.requests) == 1
+
+
+def test_a_rule_change_retires_idle_origin_connections(serve: Any) -> None:
+    with serve(answer_all) as (proxy, origin):
+        assert one_request(proxy, "/a").status == 200
+        proxy.allow("other.example.test")  # new compiled rules: nothing opened before is reused
+        assert one_request(proxy, "/b").status == 200
+        assert len(origin.connections) == 2
+
+
+def test_an_origin_closing_an_idle_connection_is_noticed(serve: Any) -> None:
+    closed = threading.Event()
+
+    def script(conn: OriginConn) -> None:
+        request = conn.request()
+        if request is None:
+            return
+        conn.send(ok(b"once", b"x-n: %d\r\n" % len(origin_conns)))
+        origin_conns.append(conn)
+        if len(origin_conns) == 1:
+            closed.set()
+            return  # closes while parked
+        answer_all(conn)
+
+    origin_conns: list[OriginConn] = []
+    with serve(script) as (proxy, origin):
+        assert one_request(proxy, "/a").status == 200
+        assert closed.wait(TIMEOUT)
+        for _ in range(3):  # whether or not the close was seen yet, the GET is answered
+            assert one_request(proxy, "/b").status == 200
+        assert len(origin.connections) >= 2

@@ -20,6 +20,7 @@ from ..net.resolve import Resolver
 from ..net.upstream import UpstreamProxies
 from ..policy.model import NetworkDecision, NetworkPolicyRequest
 from ..state import RuntimeState
+from .origin_pool import OriginPool
 
 __all__ = ["Cancellable", "Decider", "Interceptor", "ProxyContext"]
 
@@ -49,6 +50,7 @@ class ProxyContext:
     shutting_down: bool = False
     # Waits on an idle peer, each ended at once by `cancel()` when shutting down.
     idle_waits: set[Cancellable] = field(default_factory=set)
+    origin_pool: OriginPool = field(default_factory=OriginPool)
     _origin_tls: ssl.SSLContext | None = None
 
     def idle_wait(self) -> anyio.CancelScope:

@@ -54,6 +54,7 @@ from .decide import decide
 from .forward import ClientGone, origin_request
 from .http import HttpSession, serve_http_client
 from .origin import Origin, open_origin
+from .origin_pool import OriginPool
 from .tunnel import Established, TunnelTarget, mitm_unavailable, run_tunnel
 
 __all__ = ["serve_http_connection"]
@@ -223,10 +224,12 @@ class _Client(Adopted):
 class _OriginLink(Adopted):
     """One origin connection: relays a response head and body into the client's transport."""
 
-    def __init__(self, origin: Origin, key: tuple[object, ...]) -> None:
+    def __init__(self, origin: Origin, key: tuple[object, ...], rules: object) -> None:
         super().__init__(origin.stream)
         self.origin = origin
         self.key = key
+        self.rules = rules  # the compiled rules it was opened under (see `OriginPool`)
+        self.parked: OriginPool | None = None
         self.reusable = True
         self.client: _Client | None = None
         self.done: asyncio.Future[_Outcome] | None = None
@@ -271,7 +274,7 @@ class _OriginLink(Adopted):
     def data_received(self, data: bytes) -> None:
         client = self.client
         if client is None:  # bytes between exchanges: the connection is not reusable
-            self.reusable = False
+            self._unusable()
             return
         self.last = self.loop.time()
         if self.in_body:
@@ -333,7 +336,7 @@ class _OriginLink(Adopted):
 
     def on_input(self) -> None:  # EOF or loss (data goes through data_received)
         if self.client is None:
-            self.reusable = False
+            self._unusable()
         elif self.in_body:
             self.finish(_Outcome.BROKEN)
         elif self.done is not None:
@@ -352,10 +355,21 @@ class _OriginLink(Adopted):
         else:
             self.timer = loop.call_later(self.last + self.idle - now, self._check_idle)
 
+    def _unusable(self) -> None:
+        self.reusable = False
+        if self.parked is not None:
+            self.parked.discard(self.key, self)
+
+    def usable(self) -> bool:
+        """Idle and fit for another request."""
+        return self.reusable and not (self.lost or self.eof or self.buffer) and self.client is None
+
     def close(self) -> None:
         """Close the origin connection (it is ours alone: no anyio stream uses it again)."""
-        self.adopted = False
-        self.transport.abort()
+        self.parked = None
+        if self.adopted:
+            self.adopted = False
+            self.transport.abort()
 
 
 class _FastSession:
@@ -399,7 +413,7 @@ class _FastSession:
                     return None
                 first = False
         finally:
-            self._drop_origin()
+            self._park_origin()
             if handoff is None and client.transport.get_write_buffer_size():
                 with (
                     anyio.CancelScope(shield=True),
@@ -457,23 +471,32 @@ class _FastSession:
         decision = await decide(ctx, request)
         if not decision.allowed:
             return self._to_session_decided(plan, decision)
-        try:
-            link = await self._origin_for(target, decision)
-        except UpstreamError as exc:
-            return self._to_session_decided(plan, decision, failure=exc)
-        if isinstance(link, Origin):  # not a borrowable stream (e.g. TLS to a proxy)
-            return self._to_session_decided(plan, decision, origin=link)
-        path, headers = origin_request(head.headers, target, link.origin.via, upgrade=False)
-        outgoing = serialize_request(head.method, path, headers) + plan.request.body
         limits = ctx.limits
-        outcome = await link.exchange(
-            self.client,
-            outgoing,
-            bodiless=head.method == b"HEAD",
-            close=not plan.request.keep_alive,
-            limit=limits.max_header_bytes,
-            idle=limits.idle_timeout,
-        )
+        fresh = False
+        while True:
+            try:
+                link, reused = await self._origin_for(target, decision, fresh=fresh)
+            except UpstreamError as exc:
+                return self._to_session_decided(plan, decision, failure=exc)
+            if isinstance(link, Origin):  # not a borrowable stream (e.g. TLS to a proxy)
+                return self._to_session_decided(plan, decision, origin=link)
+            path, headers = origin_request(head.headers, target, link.origin.via, upgrade=False)
+            outgoing = serialize_request(head.method, path, headers) + plan.request.body
+            outcome = await link.exchange(
+                self.client,
+                outgoing,
+                bodiless=head.method == b"HEAD",
+                close=not plan.request.keep_alive,
+                limit=limits.max_header_bytes,
+                idle=limits.idle_timeout,
+            )
+            # A kept connection the origin closed as we reused it: once more on a new one,
+            # for a request that is safe to repeat (RFC 9112 §9.3.1).
+            if not (reused and outcome is _Outcome.FALLBACK and _closed_unanswered(link)):
+                break
+            if head.method not in _RETRYABLE or plan.request.body:
+                break
+            fresh = True
         if outcome is _Outcome.DONE:
             if not link.reusable:
                 self._drop_origin()
@@ -487,24 +510,43 @@ class _FastSession:
             return self._to_session_decided(plan, decision, failure=failure)
         return False  # BROKEN, CLIENT_GONE, or a timeout after the response began
 
-    async def _origin_for(self, target: Forward, decision: NetworkDecision) -> _OriginLink | Origin:
+    async def _origin_for(
+        self, target: Forward, decision: NetworkDecision, *, fresh: bool = False
+    ) -> tuple[_OriginLink | Origin, bool]:
+        """The origin connection for `target` and whether it served a request before."""
         key = (target.scheme, target.host, target.port, decision.addresses)
         kept = self.origin
-        if kept is not None and kept.key == key and kept.reusable and not kept.lost:
-            return kept
+        if not fresh and kept is not None and kept.key == key and kept.usable():
+            return kept, True
         self._drop_origin()
+        rules = self.ctx.state.rules
+        pooled = None if fresh else self.ctx.origin_pool.take(key, rules)
+        if isinstance(pooled, _OriginLink):
+            pooled.parked = None
+            self.origin = pooled
+            return pooled, True
         origin = await open_origin(self.ctx, target.host, target.port, decision)
         if not adoptable(origin.stream):
-            return origin
-        link = _OriginLink(origin, key)
+            return origin, False
+        link = _OriginLink(origin, key, rules)
         link.adopt()
         self.origin = link
-        return link
+        return link, False
 
     def _drop_origin(self) -> None:
         if self.origin is not None:
             origin, self.origin = self.origin, None
             origin.close()
+
+    def _park_origin(self) -> None:
+        """Leave an idle origin connection for the next client (`OriginPool`), or close it."""
+        link, self.origin = self.origin, None
+        if link is None:
+            return
+        if self.ctx.origin_pool.give(link.key, link):
+            link.parked = self.ctx.origin_pool
+        else:
+            link.close()
 
     # --- handing over to h11 ----------------------------------------------------------------
 
@@ -582,6 +624,14 @@ class _FastSession:
             timer.cancel()
             ctx.idle_waits.discard(client)
             client.waiter = None
+
+
+_RETRYABLE: Final = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+
+
+def _closed_unanswered(link: _OriginLink) -> bool:
+    """The origin closed the connection without a byte of response."""
+    return not link.buffer and (link.eof or link.lost)
 
 
 def _end_wait(waiter: asyncio.Future[object]) -> None:
