@@ -152,6 +152,26 @@ def _py_load(
     return Load(len(lat) / elapsed, p50 * 1000, p99 * 1000, errors)
 
 
+def first_response(proxy: tuple[str, int], path: str, host: str, timeout: float = 30) -> float:
+    """perf_counter() when a GET through `proxy` first comes back 200 (retried until then).
+
+    "Listening" alone can flatter a proxy that binds its port before it can serve; this is
+    the moment a client is actually answered.
+    """
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        try:
+            with socket.create_connection(proxy, timeout=timeout) as s:
+                s.sendall(request)
+                if _read_head(s).startswith(b"HTTP/1.1 200"):
+                    return time.perf_counter()
+        except OSError:
+            pass
+        time.sleep(0.001)
+    raise RuntimeError(f"no 200 through {proxy} within {timeout:.0f} s")
+
+
 # --- tunnels ---------------------------------------------------------------------------------
 
 

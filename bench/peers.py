@@ -206,6 +206,7 @@ class Proxy:
     ca_file: str | None = None  # what a client trusts for intercepted TLS
     named: bool = False  # True: netproxy (policy by name + routes); peers get 127.0.0.1
     extra: dict[str, str] = field(default_factory=dict)
+    started_at: float = 0.0  # perf_counter() at exec, for launch → first response
 
 
 @dataclass
@@ -343,6 +344,7 @@ def start(launch: Launch, *, ready_line: bool = False) -> tuple[Proxy, float]:
     if socks is not None and socks[1] != launch.port:
         wait_listening(socks[1], proc)
     proxy = Proxy(launch.name, proc, ("127.0.0.1", launch.port), socks, ca, launch.named)
+    proxy.started_at = begin
     return proxy, elapsed
 
 
