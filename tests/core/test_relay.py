@@ -18,7 +18,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from netproxy_core.net.link import linkable
+from netproxy_core.net.adopt import adoptable
 from netproxy_core.net.relay import relay
 from netproxy_core.net.streams import ReplayStream
 
@@ -71,7 +71,7 @@ def run_case(loop: str, engine: str, case: Case) -> None:
             a = await _accept(listener)
             b_raw = await anyio.connect_tcp("127.0.0.1", port)
             origin = await _accept(listener)
-            assert linkable(a) and linkable(b_raw)
+            assert adoptable(a) and adoptable(b_raw)
             b: anyio.abc.ByteStream = b_raw if engine == "linked" else Wrapped(b_raw)
             try:
                 with anyio.fail_after(30):

@@ -162,23 +162,17 @@ class _Client(Adopted):
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         if len(self.buffer) > READ_PAUSE and not self.reading_paused:
-            self.transport.pause_reading()
+            self.set_reading(False)
             self.reading_paused = True
         self.on_input()
 
     def consume(self, n: int) -> bytes:
         taken = bytes(self.buffer[:n])
         del self.buffer[:n]
-        if self.reading_paused and len(self.buffer) <= READ_PAUSE // 2 and not self.lost:
-            self.transport.resume_reading()
+        if self.reading_paused and len(self.buffer) <= READ_PAUSE // 2:
+            self.set_reading(True)
             self.reading_paused = False
         return taken
-
-    def restore(self) -> None:
-        if self.reading_paused and not self.lost:
-            self.transport.resume_reading()  # anyio pauses it again itself
-            self.reading_paused = False
-        super().restore()
 
     def on_input(self) -> None:
         self._wake()
@@ -187,11 +181,11 @@ class _Client(Adopted):
 
     def on_write_paused(self) -> None:
         if self.exchange is not None:
-            self.exchange.transport.pause_reading()
+            self.exchange.set_reading(False)
 
     def on_writable(self) -> None:
-        if self.exchange is not None and not self.exchange.lost:
-            self.exchange.transport.resume_reading()
+        if self.exchange is not None:
+            self.exchange.set_reading(True)
         self._wake()
 
     def _wake(self) -> None:
@@ -268,8 +262,8 @@ class _OriginLink(Adopted):
         finally:
             self.timer.cancel()
             client.exchange = self.client = self.done = None
-            if client.write_paused and not self.lost:
-                self.transport.resume_reading()
+            if client.write_paused:
+                self.set_reading(True)
 
     def data_received(self, data: bytes) -> None:
         client = self.client
@@ -331,7 +325,7 @@ class _OriginLink(Adopted):
             self.reusable = False
         self.in_body = False
         if outcome is _Outcome.FALLBACK and not self.lost:
-            self.transport.pause_reading()  # what follows is h11's to read
+            self.set_reading(False)  # what follows is h11's to read
         done.set_result(outcome)
 
     def on_input(self) -> None:  # EOF or loss (data goes through data_received)
@@ -367,8 +361,8 @@ class _OriginLink(Adopted):
     def close(self) -> None:
         """Close the origin connection (it is ours alone: no anyio stream uses it again)."""
         self.parked = None
-        if self.adopted:
-            self.adopted = False
+        if self.saved is not None:
+            self.saved = None
             self.transport.abort()
 
 

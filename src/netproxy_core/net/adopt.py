@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections import deque
 from typing import Any
 
 import anyio.abc
@@ -65,69 +66,108 @@ def close_now(stream: anyio.abc.ByteStream) -> bool:
 
 def adoptable(stream: anyio.abc.ByteStream) -> bool:
     """An anyio asyncio TCP stream whose transport can be borrowed right now."""
+    if _AnyioSocketStream is None or type(stream) is not _AnyioSocketStream:
+        return False
+    protocol: Any = stream._protocol
+    transport: Any = stream._transport
     return (
-        _AnyioSocketStream is not None
-        and type(stream) is _AnyioSocketStream
-        and isinstance(stream._protocol, _AnyioProtocol)
+        isinstance(protocol, _AnyioProtocol)  # anyio's, or a subclass (`net.listener`'s)
+        and hasattr(protocol, "read_queue")  # not borrowed already
+        and protocol.exception is None
         and not stream._closed
-        and not stream._transport.is_closing()
+        and not transport.is_closing()
+        and transport.get_protocol() is protocol
+        and transport.get_extra_info("socket") is not None
     )
 
 
 class Adopted(asyncio.Protocol):
-    """Base protocol for a borrowed transport: buffered input, EOF, loss, write pausing."""
+    """Base protocol for a borrowed transport: buffered input, EOF, loss, write pausing.
 
-    transport: asyncio.Transport
+    anyio's read queue and events are dropped while the transport is borrowed (an idle tunnel
+    keeps neither) and rebuilt by `restore`.
+    """
+
+    __slots__ = (
+        "buffer",
+        "eof",
+        "error",
+        "lost",
+        "reading",
+        "saved",
+        "stream",
+        "transport",
+        "write_paused",
+    )
 
     def __init__(self, stream: anyio.abc.ByteStream) -> None:
-        assert adoptable(stream)
         self.stream: Any = stream
-        self.transport = stream._transport  # type: ignore[attr-defined]
+        self.transport: Any = stream._transport  # type: ignore[attr-defined]
+        self.saved: Any = None  # anyio's protocol while we hold the transport
         self.buffer = bytearray()
         self.eof = False
         self.lost = False
         self.error: Exception | None = None
         self.write_paused = False
-        self.adopted = False
+        self.reading = False  # anyio leaves a transport paused between receives
 
-    def adopt(self) -> None:
+    @property
+    def adopted(self) -> bool:
+        return self.saved is not None
+
+    def adopt(self, *, read: bool = True) -> None:
         """Install this protocol; anything anyio had read already moves into `buffer`."""
-        anyio_protocol = self.stream._protocol
-        queue = anyio_protocol.read_queue
-        while queue:
-            self.buffer += queue.popleft()
-        anyio_protocol.read_event.clear()
-        self.eof = anyio_protocol.is_at_eof
-        self.write_paused = not anyio_protocol.write_event.is_set()
+        protocol = self.stream._protocol
+        for chunk in protocol.read_queue:
+            self.buffer += chunk
+        self.eof = protocol.is_at_eof
+        self.write_paused = not protocol.write_event.is_set()
+        del protocol.read_queue, protocol.read_event, protocol.write_event
+        self.saved = protocol
         self.transport.set_protocol(self)
         self.transport.set_write_buffer_limits(HIGH_WATER)
-        self.adopted = True
-        if not self.eof:
-            self.transport.resume_reading()
+        if read and not self.eof:
+            self.set_reading(True)
 
     def restore(self) -> None:
         """Give the transport back to anyio with our unread bytes in its read queue."""
-        if not self.adopted:
+        protocol, self.saved = self.saved, None
+        if protocol is None:
             return
-        self.adopted = False
-        anyio_protocol = self.stream._protocol
-        if not self.lost:
-            self.transport.pause_reading()
-        self.transport.set_protocol(anyio_protocol)
+        protocol.read_queue = deque()
+        protocol.read_event = asyncio.Event()
+        protocol.write_event = asyncio.Event()
+        protocol.write_event.set()
+        self.set_reading(False)
+        self.transport.set_protocol(protocol)
         if self.buffer:
-            anyio_protocol.read_queue.append(bytes(self.buffer))
+            protocol.read_queue.append(bytes(self.buffer))
             self.buffer.clear()
-            anyio_protocol.read_event.set()
+            protocol.read_event.set()
         if self.eof:
-            anyio_protocol.eof_received()
+            protocol.eof_received()
         if self.lost:
-            anyio_protocol.connection_lost(self.error)
-        elif self.write_paused:
-            anyio_protocol.pause_writing()
-        if not self.lost:
+            protocol.connection_lost(self.error)
+            return
+        if self.write_paused:
+            protocol.pause_writing()  # the transport resumes it once drained
+        if not self.transport.is_closing():
             self.transport.set_write_buffer_limits(0)
 
+    def set_reading(self, want: bool) -> None:
+        """Resume or pause reading (kept track of: transports differ on repeated calls)."""
+        if want != self.reading and not self.lost and not self.transport.is_closing():
+            self.reading = want
+            if want:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+
     # --- asyncio.Protocol -----------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self.on_input()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -135,7 +175,7 @@ class Adopted(asyncio.Protocol):
         return True  # keep the write side open (half-close), as anyio does
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost, self.error = True, exc
+        self.lost, self.error, self.reading = True, exc, False
         self.write_paused = False
         self.on_input()
         self.on_writable()

@@ -2,7 +2,7 @@
 
 Used by `relay.relay` when both ends are plain TCP streams of anyio's asyncio backend. The
 engine borrows both transports by installing its own protocols (`_End`): a read is one
-callback that writes straight to the other transport; a full send buffer (`HIGH_WATER`) pauses
+callback that writes straight to the other transport; a full send buffer (`adopt.HIGH_WATER`) pauses
 reading on the other side; end of input is passed on as a half-close; one timer per event loop
 keeps every link's idle clock (`_IdleClock`). An idle tunnel costs two small protocol objects
 and the caller's waiting task — no task per direction, no watchdog. anyio's read queue and
@@ -13,26 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import anyio
 import anyio.abc
 
+from .adopt import Adopted
 from .splice import AVAILABLE as _SPLICE
 from .splice import SPLICE_AFTER, splice_until_eof
 
-__all__ = ["FirstBytesCheck", "abort", "linkable", "run_linked"]
-
-try:  # anyio's asyncio backend (private; checked by type, used through a few attributes)
-    from anyio._backends._asyncio import SocketStream as _AioStream
-    from anyio._backends._asyncio import StreamProtocol as _AioProtocol
-except ImportError:  # pragma: no cover - another anyio layout: pumps only
-    _AioStream = None  # type: ignore[assignment,misc]
-    _AioProtocol = None  # type: ignore[assignment,misc]
-
-HIGH_WATER = 256 * 1024  # bytes queued in a linked transport before the other side stops reading
+__all__ = ["FirstBytesCheck", "run_linked"]
 _NO_DIRECTION = 2
 
 # Sans-IO check of the first bytes of the a→b direction: called with every byte a sent so far
@@ -50,7 +41,7 @@ async def run_linked(
     check: FirstBytesCheck | None,
     check_timeout: float,
 ) -> tuple[int, int]:
-    """Relay between two `linkable` streams until done; hands both transports back to their
+    """Relay between two `adopt.adoptable` streams until done; hands both transports back to their
     streams (the caller closes them). `prefix`: bytes read from `a` already."""
     link = _Link(a, b, idle_timeout, check, check_timeout)
     try:
@@ -67,94 +58,25 @@ async def run_linked(
     return link.counts[0], link.counts[1]
 
 
-def linkable(stream: anyio.abc.ByteStream) -> bool:
-    """An anyio asyncio TCP stream whose transport can be borrowed right now."""
-    if _AioStream is None or type(stream) is not _AioStream:
-        return False
-    protocol: Any = stream._protocol
-    transport: Any = stream._transport
-    return (
-        isinstance(protocol, _AioProtocol)  # anyio's, or a subclass (`net.listener`'s)
-        and hasattr(protocol, "read_queue")
-        and protocol.exception is None
-        and not stream._closed
-        and not transport.is_closing()
-        and transport.get_protocol() is protocol
-        and transport.get_extra_info("socket") is not None
-    )
+class _End(Adopted):
+    """One borrowed transport of a `_Link` (its reads go straight to the link)."""
 
-
-def abort(stream: anyio.abc.ByteStream) -> None:
-    """anyio's `aclose()` without its checkpoint (so it also runs when cancelled)."""
-    stream._closed = True  # type: ignore[attr-defined]
-    stream._transport.abort()  # type: ignore[attr-defined]
-
-
-class _End(asyncio.Protocol):
-    """One borrowed transport of a `_Link`."""
-
-    __slots__ = (
-        "eof",
-        "error",
-        "index",
-        "link",
-        "lost",
-        "reading",
-        "saved",
-        "stream",
-        "transport",
-        "write_paused",
-    )
+    __slots__ = ("index", "link")
 
     def __init__(self, link: _Link, index: int, stream: Any) -> None:
+        super().__init__(stream)
         self.link = link
         self.index = index
-        self.stream = stream
-        self.transport: Any = stream._transport
-        self.saved: Any = None  # anyio's protocol while we hold the transport
-        self.eof = False
-        self.lost = False
-        self.error: Exception | None = None
-        self.write_paused = False
-        self.reading = False
 
     def borrow(self) -> bytes:
-        """Install this protocol; returns what anyio had read already."""
-        protocol = self.stream._protocol
-        pending = b"".join(protocol.read_queue)
-        self.eof = protocol.is_at_eof
-        self.write_paused = not protocol.write_event.is_set()
-        # anyio's queue and events are rebuilt by `give_back`: an idle tunnel keeps neither.
-        del protocol.read_queue, protocol.read_event, protocol.write_event
-        self.saved = protocol
-        self.transport.set_protocol(self)
-        self.transport.set_write_buffer_limits(HIGH_WATER)
+        """Install this protocol (not reading yet); returns what anyio had read already."""
+        self.adopt(read=False)
+        pending = bytes(self.buffer)
+        self.buffer.clear()
         return pending
 
     def give_back(self) -> None:
-        protocol, self.saved = self.saved, None
-        if protocol is None:
-            return
-        protocol.read_queue = deque()
-        protocol.read_event = asyncio.Event()
-        protocol.write_event = asyncio.Event()
-        protocol.write_event.set()
-        self.set_reading(False)
-        self.transport.set_protocol(protocol)
-        if self.eof:
-            protocol.eof_received()
-        if self.lost:
-            protocol.connection_lost(self.error)
-        elif not self.transport.is_closing():
-            self.transport.set_write_buffer_limits(0)
-
-    def set_reading(self, want: bool) -> None:
-        if want != self.reading and not self.lost and not self.transport.is_closing():
-            self.reading = want
-            if want:
-                self.transport.resume_reading()
-            else:
-                self.transport.pause_reading()
+        self.restore()
 
     def fd(self) -> int:
         return int(self.transport.get_extra_info("socket").fileno())

@@ -22,7 +22,8 @@ import time
 import anyio
 import anyio.abc
 
-from .link import FirstBytesCheck, abort, linkable, run_linked
+from .adopt import adoptable, close_now
+from .link import FirstBytesCheck, run_linked
 from .splice import AVAILABLE as _SPLICE
 from .splice import SPLICE_AFTER, splice_until_eof
 from .streams import ReplayStream
@@ -54,7 +55,7 @@ async def relay(
         bytes copied (a→b, b→a).
     """
     inner = a.inner if isinstance(a, ReplayStream) else a
-    if linkable(inner) and linkable(b) and inner is not b:
+    if adoptable(inner) and adoptable(b) and inner is not b:
         prefix = a.take_pending() if isinstance(a, ReplayStream) else b""
         try:
             return await run_linked(
@@ -68,8 +69,8 @@ async def relay(
         finally:
             if isinstance(a, ReplayStream):
                 a.mark_closed()
-            abort(inner)
-            abort(b)
+            close_now(inner)
+            close_now(b)
     return await _pump_relay(
         a, b, idle_timeout=idle_timeout, check=first_bytes, check_timeout=first_bytes_timeout
     )
