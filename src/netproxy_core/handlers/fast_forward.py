@@ -257,18 +257,28 @@ class _OriginLink(Adopted):
         self.last = loop.time()
         self.timer = loop.call_later(idle, self._check_idle)
         try:
+            if client.lost:
+                return _Outcome.CLIENT_GONE
             self.transport.write(request)
-            return await self.done
+            outcome = await self.done
+        except BaseException:  # cancelled mid-exchange: the connection's state is unknown
+            self.reusable = False
+            raise
         finally:
             self.timer.cancel()
             client.exchange = self.client = self.done = None
             if client.write_paused:
                 self.set_reading(True)
+        return outcome
 
     def data_received(self, data: bytes) -> None:
-        client = self.client
+        client, done = self.client, self.done
         if client is None:  # bytes between exchanges: the connection is not reusable
             self._unusable()
+            return
+        if done is None or done.done():  # after the outcome: kept for h11 (FALLBACK) or dropped
+            self.buffer += data
+            self.reusable = False
             return
         self.last = self.loop.time()
         if self.in_body:
