@@ -35,7 +35,7 @@ import anyio.abc
 
 from ..errors import UpstreamError
 from ..hosts import format_host_port
-from ..net.adopt import Adopted, adoptable
+from ..net.adopt import Adopted, adoptable, write_now
 from ..policy.model import NetworkDecision, NetworkPolicyRequest, Protocol
 from ..proto.h1_fast import (
     RequestHead,
@@ -124,6 +124,8 @@ class _Tunnel:
         async def reply(outcome: Established | UpstreamError | NetworkDecision) -> None:
             if not isinstance(outcome, Established):
                 await answering().answer_tunnel(self.target, outcome)
+                return
+            if write_now(stream, established):
                 return
             try:
                 await stream.send(established)

@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio.abc
 
-__all__ = ["Adopted", "adoptable", "close_now", "peer_address"]
+__all__ = ["Adopted", "adoptable", "close_now", "peer_address", "write_now"]
 
 try:  # anyio's asyncio backend (private: checked by type, used through three attributes)
     from anyio._backends._asyncio import SocketStream as _AnyioSocketStream
@@ -61,6 +61,28 @@ def close_now(stream: anyio.abc.ByteStream) -> bool:
         return False
     stream._closed = True
     stream._transport.abort()
+    return True
+
+
+def write_now(stream: anyio.abc.ByteStream, data: bytes) -> bool:
+    """Write to an anyio asyncio TCP stream's transport at once, as its `send` would.
+
+    True when written; False when the stream is another kind, or its writer is paused or
+    closing (use `send`, which waits or raises as anyio does). Saves `send`'s loop turn.
+    """
+    if _AnyioSocketStream is None or type(stream) is not _AnyioSocketStream:
+        return False
+    protocol: Any = stream._protocol
+    transport: Any = stream._transport
+    if (
+        stream._closed
+        or transport.is_closing()
+        or protocol.exception is not None
+        or not hasattr(protocol, "write_event")
+        or not protocol.write_event.is_set()
+    ):
+        return False
+    transport.write(data)
     return True
 
 
