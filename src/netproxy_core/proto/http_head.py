@@ -133,25 +133,7 @@ def _parse_authority(text: str, default_port: int | None) -> tuple[str, int]:
 
 
 def classify(method: bytes, target: bytes, headers: Headers) -> Forward | Connect | Reject:
-    """Decide the request form (SPEC §5.2, §5.3).
-
-    A pure function of the method's kind (CONNECT or not), the target and the Host field, so
-    the answers for recently seen ones are remembered (the results are immutable).
-    """
-    key = (method == b"CONNECT", target, header_value(headers, b"host"))
-    known = _FORMS.get(key)
-    if known is None:
-        known = _classify(method, target, headers)
-        if len(_FORMS) >= 4096:
-            _FORMS.clear()
-        _FORMS[key] = known
-    return known
-
-
-_FORMS: dict[tuple[bool, bytes, bytes | None], Forward | Connect | Reject] = {}
-
-
-def _classify(method: bytes, target: bytes, headers: Headers) -> Forward | Connect | Reject:
+    """Decide the request form (SPEC §5.2, §5.3)."""
     try:
         text = target.decode("ascii")
     except UnicodeDecodeError:
