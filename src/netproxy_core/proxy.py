@@ -409,7 +409,7 @@ class NetworkProxy:
             if sock is not None:
                 at = sock.getsockname()
                 if at[0] == host and (port == 0 or at[1] == port):
-                    return _listener([sock])
+                    return TransportListener([sock])
                 sock.close()
             return await _listen(host, port, what)
 
@@ -579,12 +579,7 @@ async def _listen(host: str, port: int, what: str) -> anyio.abc.Listener[Any]:
             f"cannot listen for {what} on {format_addr(host, port)}: {exc.strerror}"
         ) from None
     raw = anyio.abc.SocketAttribute.raw_socket
-    return _listener([listener.extra(raw) for listener in bound.listeners])
-
-
-def _listener(sockets: list[socket.socket]) -> anyio.abc.Listener[Any]:
-    """Listening sockets served through the loop's own accept path (`net.listener`)."""
-    return TransportListener(sockets)
+    return TransportListener([listener.extra(raw) for listener in bound.listeners])
 
 
 def _bound(listener: anyio.abc.Listener[Any]) -> tuple[str, int]:
