@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Final
@@ -52,7 +51,7 @@ from ..proto.http_head import Connect, Forward, classify, strip_hop_by_hop
 from .context import ProxyContext
 from .decide import decide
 from .forward import ClientGone, origin_request
-from .http import HttpSession, serve_http_client
+from .http import Handoff, HttpSession, serve_http_client
 from .origin import Origin, open_origin
 from .origin_pool import OriginPool
 from .tunnel import Established, TunnelTarget, mitm_unavailable, run_tunnel
@@ -76,10 +75,6 @@ async def serve_http_connection(
         await handoff.run(ctx, stream, client_addr)
     elif handoff is not None:
         await serve_http_client(ctx, stream, client_addr, resume=handoff)
-
-
-# A continuation run by the h11 session the connection is handed to.
-Handoff = Callable[[HttpSession], Awaitable[None]]
 
 
 @dataclass(slots=True)

@@ -49,7 +49,7 @@ from .origin import Origin
 from .tunnel import Established, TunnelTarget, mitm_unavailable, run_tunnel
 from .unix import UNIX_SOCKET_HEADER, serve_unix_request
 
-__all__ = ["InnerTarget", "RequestHook", "serve_http_client"]
+__all__ = ["Handoff", "InnerTarget", "RequestHook", "serve_http_client"]
 
 log = logging.getLogger("netproxy.proxy")
 
@@ -579,11 +579,15 @@ def _upgrade_refused(check: Check | None) -> NetworkDecision:
     )
 
 
+# How a fast path hands its connection to an h11 session: a continuation run by the session.
+Handoff = Callable[[HttpSession], Awaitable[None]]
+
+
 async def serve_http_client(
     ctx: ProxyContext,
     stream: anyio.abc.ByteStream,
     client_addr: str | None,
-    resume: Callable[[HttpSession], Awaitable[None]] | None = None,
+    resume: Handoff | None = None,
 ) -> None:
     """Serve one client connection until it closes; `resume` takes over from the fast path."""
     started = time.monotonic()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -41,16 +41,14 @@ from ..proto.http_head import Forward, classify, strip_hop_by_hop
 from .context import ProxyContext
 from .decide import decide
 from .forward import READ_SIZE, ClientGone, upstream_io
-from .http import HttpSession
+from .http import Handoff, HttpSession
 from .origin import Origin, open_origin
 
-__all__ = ["Handoff", "InnerFastPath"]
+__all__ = ["InnerFastPath"]
 
 log = logging.getLogger("netproxy.proxy")
 
 Headers = list[tuple[bytes, bytes]]
-# How the h11 session (made by the caller, with the inner target) takes the connection over.
-Handoff = Callable[[HttpSession], Awaitable[None]]
 
 _CLIENT_ERRORS = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
