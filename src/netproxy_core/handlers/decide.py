@@ -1,6 +1,8 @@
-"""THE async decision path for every listener (SPEC §4.2, §4.4, §10).
+"""THE decision path for every listener (SPEC §4.2, §4.4, §10).
 
-evaluate → decider → method guard → resolve → audit. Exactly one audit event per call,
+evaluate → decider → method guard → resolve → audit. The evaluation is sans-IO (a generator
+that yields the decider call or the lookup it needs); `decide` drives it with I/O, and
+`decide_now` serves callback-driven paths when no I/O is needed. Exactly one audit event per call,
 emitted here and never at call sites; handler-level refusals (mode guard, host mismatch,
 MITM required) go through `refuse()`, which audits the same way.
 """
@@ -9,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
 
 import anyio
 
@@ -24,7 +27,7 @@ from ..policy.model import (
 )
 from .context import ProxyContext
 
-__all__ = ["DECIDER_TIMEOUT", "Check", "decide", "refuse"]
+__all__ = ["DECIDER_TIMEOUT", "Check", "decide", "decide_now", "refuse"]
 
 # A handler-level refusal consulted inside `decide` (see its `check` argument).
 Check = Callable[[], NetworkDecision | None]
@@ -45,7 +48,38 @@ async def decide(
             and the address re-check and before the limited-mode method guard; a decision it
             returns is the (one, audited) outcome.
     """
-    decision, host = await _evaluate(ctx, request, check)
+    steps = _evaluation(ctx, request, check)
+    answer: object = None
+    try:
+        while True:
+            need = steps.send(answer)
+            if isinstance(need, _AskDecider):
+                answer = await _ask_decider(ctx, need.request)
+            else:
+                answer = await ctx.resolver.resolve(need.host, need.port)
+    except StopIteration as done:
+        return _audited(ctx, request, *done.value)
+
+
+def decide_now(
+    ctx: ProxyContext, request: NetworkPolicyRequest, *, check: Check | None = None
+) -> NetworkDecision | None:
+    """`decide` when it needs no I/O (no decider call, no DNS); None (nothing audited) if it would.
+
+    For callback-driven paths: the same evaluation and the same one audit event as `decide`.
+    """
+    steps = _evaluation(ctx, request, check)
+    try:
+        steps.send(None)
+    except StopIteration as done:
+        return _audited(ctx, request, *done.value)
+    steps.close()
+    return None
+
+
+def _audited(
+    ctx: ProxyContext, request: NetworkPolicyRequest, decision: NetworkDecision, host: str
+) -> NetworkDecision:
     if host != request.host:
         request = dataclasses.replace(request, host=host)
     ctx.audit.record(request, decision, mode=str(ctx.state.rules.mode))
@@ -65,9 +99,26 @@ def refuse(
     return decision
 
 
-async def _evaluate(
-    ctx: ProxyContext, request: NetworkPolicyRequest, check: Check | None = None
-) -> tuple[NetworkDecision, str]:
+@dataclass(frozen=True, slots=True)
+class _AskDecider:
+    request: NetworkPolicyRequest
+
+
+@dataclass(frozen=True, slots=True)
+class _Resolve:
+    host: str
+    port: int
+
+
+# The evaluation's I/O needs: it yields one, and is sent the decider's decision or the addresses.
+_Need = _AskDecider | _Resolve
+Evaluation = Generator[_Need, object, tuple[NetworkDecision, str]]
+
+
+def _evaluation(
+    ctx: ProxyContext, request: NetworkPolicyRequest, check: Check | None
+) -> Evaluation:
+    """SPEC §4.2 for one request, sans-IO: yields what it needs, returns (decision, host)."""
     rules = ctx.state.rules
     if not rules.enabled:
         return deny(Reason.PROXY_DISABLED, Source.PROXY_STATE, Scope.NON_DOMAIN), request.host
@@ -75,7 +126,8 @@ async def _evaluate(
     host = verdict.host
     override = False
     if verdict.needs_decider and ctx.decider is not None:
-        answer = await _ask_decider(ctx, dataclasses.replace(request, host=host))
+        answer = yield _AskDecider(dataclasses.replace(request, host=host))
+        assert isinstance(answer, NetworkDecision)
         if not answer.allowed:
             kind = Decision.ASK if answer.decision is Decision.ASK else Decision.DENY
             return NetworkDecision(
@@ -90,7 +142,10 @@ async def _evaluate(
         return guard, host
     addresses = verdict.addresses
     if verdict.needs_resolution:
-        addresses = rules.static_hosts.get(host) or await ctx.resolver.resolve(host, request.port)
+        addresses = rules.static_hosts.get(host) or ()
+        if not addresses:
+            answers = yield _Resolve(host, request.port)
+            addresses = answers if isinstance(answers, tuple) else ()
         reason = check_answers(rules, addresses)
         if reason is not None:
             return deny(reason), host
