@@ -341,7 +341,7 @@ def _fast_serves_request(head: RequestHead) -> bool:
 
 
 def _fast_serves_response(head: ResponseHead) -> bool:
-    """The head-level gate of `fast_forward._OriginLink._on_head`."""
+    """The head-level gate of `fast_links.OriginLink._on_head`."""
     return head.status >= 200 and body_length(head.headers) is not None
 
 

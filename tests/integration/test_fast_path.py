@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from netproxy_core import BackgroundProxy
+from netproxy_core import BackgroundProxy, NetworkDecision, NetworkPolicyRequest
 from netproxy_core.config.model import Limits
 
 API = "api.example.test"
@@ -1062,3 +1062,101 @@ def test_an_origin_closing_an_idle_connection_is_noticed(serve: Any) -> None:
         for _ in range(3):  # whether or not the close was seen yet, the GET is answered
             assert one_request(proxy, "/b").status == 200
         assert len(origin.connections) >= 2
+
+
+# --- later requests on a kept-alive connection (served from protocol callbacks) ---------------
+# After the first response the callbacks serve what follows while it needs no I/O; anything
+# else (a decider call, a dial, a refusal, a timeout) goes back to the connection's task.
+
+
+def test_a_silent_origin_on_a_later_request_is_504(serve: Any) -> None:
+    def script(conn: OriginConn) -> None:
+        assert conn.request() is not None
+        conn.send(ok(b"first"))
+        assert conn.request() is not None
+        conn.hang()
+
+    with serve(script, limits=Limits(idle_timeout=0.5)) as (proxy, _):
+        client = Client(proxy)
+        client.send(get("/a"))
+        assert client.response().body == b"first"
+        client.send(get("/b"))
+        assert_upstream_error(client, 504, b"upstream-timeout")
+        assert events(proxy) == allowed("GET", "GET")
+
+
+def test_a_rule_change_applies_to_the_next_request_on_the_connection(serve: Any) -> None:
+    with serve(serve_each(echo_path)) as (proxy, origin):
+        client = Client(proxy)
+        client.send(get("/a"))
+        assert client.response().body == b"path=/a"
+        proxy.deny(API)
+        client.send(get("/b"))
+        refused = client.response()
+        assert refused.status == 403
+        assert refused.header(b"x-proxy-error") == b"blocked-by-denylist"
+        assert [path_of(r) for r in origin.requests] == [b"/a"]
+        assert events(proxy) == [(API, "GET", "allow"), (API, "GET", "deny")]
+
+
+def test_a_later_request_that_needs_the_decider_gets_it(start_proxy: Any) -> None:
+    other = "other.example.test"
+    asked: list[str] = []
+
+    async def decider(request: NetworkPolicyRequest) -> NetworkDecision:
+        asked.append(request.host)
+        return NetworkDecision.allow()
+
+    origin = RawOrigin(serve_each(echo_path))
+    routes = {f"{API}:80": origin.addr, f"{other}:80": origin.addr}
+    try:
+        with start_proxy(allow=[API], routes=routes, decider=decider) as proxy:
+            client = Client(proxy)
+            client.send(get("/a"))
+            assert client.response().body == b"path=/a"
+            client.send(b"GET http://%s/b HTTP/1.1\r\nHost: %s\r\n\r\n" % ((other.encode(),) * 2))
+            assert client.response().body == b"path=/b"
+            client.send(get("/c"))  # back on the first origin connection's host
+            assert client.response().body == b"path=/c"
+            assert asked == [other]
+            decisions = [(e.host, e.decision, e.reason) for e in proxy.events()]
+            assert decisions == [
+                (API, "allow", "allow"),
+                (other, "allow", "not_allowed"),  # a decider's override (SPEC §4.4)
+                (API, "allow", "allow"),
+            ]
+    finally:
+        origin.close()
+
+
+def test_a_kept_origin_connection_closed_between_requests_is_replaced(serve: Any) -> None:
+    closed = threading.Event()
+
+    def script(conn: OriginConn) -> None:
+        if closed.is_set():
+            answer_all(conn)
+            return
+        assert conn.request() is not None
+        conn.send(ok(b"first"))
+        closed.set()  # and close the connection
+
+    with serve(script) as (proxy, origin):
+        client = Client(proxy)
+        client.send(get("/a"))
+        assert client.response().body == b"first"
+        assert closed.wait(TIMEOUT)
+        for path in ("/b", "/c"):  # whether or not the close was seen yet
+            client.send(get(path))
+            assert client.response().body == b"ok " + path.encode()
+        assert len(origin.connections) == 2
+        assert events(proxy) == allowed("GET", "GET", "GET")
+
+
+def test_shutdown_closes_an_idle_kept_alive_connection_at_once(serve: Any) -> None:
+    with serve(serve_each(echo_path), limits=Limits(idle_timeout=60)) as (proxy, _):
+        client = Client(proxy)
+        client.send(get("/a"))
+        assert client.response().body == b"path=/a"
+        started = time.monotonic()
+    assert client.closed()
+    assert time.monotonic() - started < 5  # not the 60 s idle timeout

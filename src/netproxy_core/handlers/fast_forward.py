@@ -34,33 +34,28 @@ import anyio.abc
 
 from ..errors import UpstreamError
 from ..hosts import format_host_port
-from ..net.adopt import Adopted, adoptable, write_now
+from ..net.adopt import adoptable, write_now
 from ..policy.model import NetworkDecision, NetworkPolicyRequest, Protocol
 from ..proto.h1_fast import (
     RequestHead,
     SimpleRequest,
     find_head_end,
-    keep_alive,
-    parse_response_head,
     serialize_request,
     serialize_response_head,
     simple_request,
-    simple_response_length,
 )
-from ..proto.http_head import Connect, Forward, classify, strip_hop_by_hop
+from ..proto.http_head import Connect, Forward, classify
 from .context import ProxyContext
-from .decide import decide
+from .decide import decide, decide_now
+from .fast_links import ClientSide, OriginLink, Outcome, end_wait
 from .forward import ClientGone, origin_request
 from .http import Handoff, HttpSession, serve_http_client
 from .origin import Origin, open_origin
-from .origin_pool import OriginPool
 from .tunnel import Established, TunnelTarget, mitm_unavailable, run_tunnel
 
 __all__ = ["serve_http_connection"]
 
 log = logging.getLogger("netproxy.proxy")
-
-READ_PAUSE: Final = 1 << 18  # stop reading a client that has this much unconsumed input
 
 
 async def serve_http_connection(
@@ -138,282 +133,94 @@ class _Tunnel:
             return
 
 
-class _Outcome(Enum):
-    DONE = auto()  # response relayed in full
-    FALLBACK = auto()  # nothing sent to the client; h11 must judge the response
-    TIMEOUT = auto()  # the origin went quiet for `idle_timeout`
-    BROKEN = auto()  # the origin failed after the response began: close the client
-    CLIENT_GONE = auto()
+@dataclass(slots=True)
+class _Exchange:
+    """A request on its way through an origin link."""
+
+    plan: _Plan
+    decision: NetworkDecision
+    link: OriginLink
+    reused: bool  # the link served a request before (a close may be a stale keep-alive)
+    path: bytes
+    headers: list[tuple[bytes, bytes]]
 
 
-class _Client(Adopted):
-    """The client's side: buffered input and a waiter the session task sleeps on."""
+# What the session's task does next; the callbacks hand it one when they cannot go on.
+@dataclass(slots=True)
+class _Planned:
+    """A request taken from the buffer, with its decision if one was made (None: not yet)."""
 
-    def __init__(self, stream: anyio.abc.ByteStream) -> None:
-        super().__init__(stream)
-        self.loop = asyncio.get_running_loop()
-        self.waiter: asyncio.Future[object] | None = None
-        self.exchange: _OriginLink | None = None
-        self.reading_paused = False
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if len(self.buffer) > READ_PAUSE and not self.reading_paused:
-            self.set_reading(False)
-            self.reading_paused = True
-        self.on_input()
-
-    def consume(self, n: int) -> bytes:
-        taken = bytes(self.buffer[:n])
-        del self.buffer[:n]
-        if self.reading_paused and len(self.buffer) <= READ_PAUSE // 2:
-            self.set_reading(True)
-            self.reading_paused = False
-        return taken
-
-    def on_input(self) -> None:
-        self._wake()
-        if self.lost and self.exchange is not None:
-            self.exchange.finish(_Outcome.CLIENT_GONE)
-
-    def on_write_paused(self) -> None:
-        if self.exchange is not None:
-            self.exchange.set_reading(False)
-
-    def on_writable(self) -> None:
-        if self.exchange is not None:
-            self.exchange.set_reading(True)
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def cancel(self) -> None:
-        """End a wait for the next request (shutdown: see `ProxyContext.idle_waits`)."""
-        if self.waiter is not None:
-            _end_wait(self.waiter)
-
-    async def wait(self) -> None:
-        """Sleep until input, EOF, loss or a drained writer."""
-        self.waiter = self.loop.create_future()
-        try:
-            await self.waiter
-        finally:
-            self.waiter = None
-
-    async def drain(self) -> None:
-        """Wait until every byte written has left for the kernel (anyio closes by abort)."""
-        if self.lost or not self.transport.get_write_buffer_size():
-            return
-        self.transport.set_write_buffer_limits(0)  # pauses us until the buffer is empty
-        while self.write_paused and not self.lost:
-            await self.wait()
+    plan: _Plan
+    decision: NetworkDecision | None
 
 
-class _OriginLink(Adopted):
-    """One origin connection: relays a response head and body into the client's transport."""
+@dataclass(slots=True)
+class _Exchanged:
+    exchange: _Exchange
+    outcome: Outcome
 
-    def __init__(self, origin: Origin, key: tuple[object, ...], rules: object) -> None:
-        super().__init__(origin.stream)
-        self.origin = origin
-        self.key = key
-        self.rules = rules  # the compiled rules it was opened under (see `OriginPool`)
-        self.parked: OriginPool | None = None
-        self.reusable = True
-        self.client: _Client | None = None
-        self.done: asyncio.Future[_Outcome] | None = None
-        self.remaining = 0
-        self.in_body = False
-        self.started = False
-        self.bodiless = False
-        self.close_client = False
-        self.limit = 0
-        self.idle = 0.0
-        self.last = 0.0
-        self.timer: asyncio.TimerHandle | None = None
-        self.loop = asyncio.get_running_loop()
 
-    async def exchange(
-        self,
-        client: _Client,
-        request: bytes,
-        *,
-        bodiless: bool,
-        close: bool,
-        limit: int,
-        idle: float,
-    ) -> _Outcome:
-        """Send `request` and relay its response; `close` = the client connection ends after."""
-        loop = self.loop
-        self.client, client.exchange = client, self
-        self.done = loop.create_future()
-        self.remaining, self.in_body, self.started = 0, False, False
-        self.bodiless, self.close_client, self.limit, self.idle = bodiless, close, limit, idle
-        self.last = loop.time()
-        self.timer = loop.call_later(idle, self._check_idle)
-        try:
-            if client.lost:
-                return _Outcome.CLIENT_GONE
-            self.transport.write(request)
-            outcome = await self.done
-        except BaseException:  # cancelled mid-exchange: the connection's state is unknown
-            self.reusable = False
-            raise
-        finally:
-            self.timer.cancel()
-            client.exchange = self.client = self.done = None
-            if client.write_paused:
-                self.set_reading(True)
-        return outcome
+class _Boundary(Enum):
+    NEXT = auto()  # at a request boundary: read what comes next
+    CLOSE = auto()  # the connection is done
 
-    def data_received(self, data: bytes) -> None:
-        client, done = self.client, self.done
-        if client is None:  # bytes between exchanges: the connection is not reusable
-            self._unusable()
-            return
-        if done is None or done.done():  # after the outcome: kept for h11 (FALLBACK) or dropped
-            self.buffer += data
-            self.reusable = False
-            return
-        self.last = self.loop.time()
-        if self.in_body:
-            n = len(data)
-            if n < self.remaining:
-                self.remaining -= n
-                client.transport.write(data)
-                return
-            if n > self.remaining:
-                self.reusable = False
-                data = data[: self.remaining]
-            self.remaining = 0
-            client.transport.write(data)
-            self.finish(_Outcome.DONE)
-            return
-        self.buffer += data
-        self._on_head()
 
-    def _on_head(self) -> None:
-        client = self.client
-        assert client is not None
-        end = find_head_end(self.buffer)
-        if end is None:
-            if len(self.buffer) > self.limit:
-                self.finish(_Outcome.FALLBACK)
-            return
-        head = parse_response_head(bytes(self.buffer[:end]))
-        length = simple_response_length(head, bodiless=self.bodiless, limit=self.limit)
-        if head is None or length is None:
-            self.finish(_Outcome.FALLBACK)
-            return
-        if not keep_alive(head.version, head.headers):
-            self.reusable = False
-        out = serialize_response_head(
-            head.status, head.reason, strip_hop_by_hop(head.headers), close=self.close_client
-        )
-        body = bytes(self.buffer[end : end + length])
-        if len(self.buffer) > end + length:
-            self.reusable = False
-        self.buffer.clear()
-        self.started = True
-        client.transport.write(out + body)
-        self.remaining = length - len(body)
-        if self.remaining:
-            self.in_body = True
-        else:
-            self.finish(_Outcome.DONE)
-
-    def finish(self, outcome: _Outcome) -> None:
-        done = self.done
-        if done is None or done.done():
-            return
-        if outcome is not _Outcome.DONE:
-            self.reusable = False
-        self.in_body = False
-        if outcome is _Outcome.FALLBACK and not self.lost:
-            self.set_reading(False)  # what follows is h11's to read
-        done.set_result(outcome)
-
-    def on_input(self) -> None:  # EOF or loss (data goes through data_received)
-        if self.client is None:
-            self._unusable()
-        elif self.in_body:
-            self.finish(_Outcome.BROKEN)
-        elif self.done is not None:
-            self.finish(_Outcome.FALLBACK)  # h11 reports the early close exactly as before
-
-    def _check_idle(self) -> None:
-        loop = self.loop
-        client = self.client
-        if client is None or self.done is None or self.done.done():
-            return
-        now = loop.time()
-        if client.write_paused:  # a slow client is not an idle origin
-            self.last = now
-        if now - self.last >= self.idle:
-            self.finish(_Outcome.TIMEOUT)
-        else:
-            self.timer = loop.call_later(self.last + self.idle - now, self._check_idle)
-
-    def _unusable(self) -> None:
-        self.reusable = False
-        if self.parked is not None:
-            self.parked.discard(self.key, self)
-
-    def usable(self) -> bool:
-        """Idle and fit for another request."""
-        return self.reusable and not (self.lost or self.eof or self.buffer) and self.client is None
-
-    def close(self) -> None:
-        """Close the origin connection (it is ours alone: no anyio stream uses it again)."""
-        self.parked = None
-        if self.saved is not None:
-            self.saved = None
-            self.transport.abort()
+# An exception is a bug met in a callback, raised in the task as it would have been there.
+_Step = Handoff | _Tunnel | _Planned | _Exchanged | _Boundary | Exception
 
 
 class _FastSession:
-    """Serves requests on the fast path; returns how the h11 session takes over, if it must."""
+    """Serves requests on the fast path; returns how the h11 session takes over, if it must.
+
+    The task handles whatever needs I/O or h11 (the first request, dials, decider calls,
+    lookups, hand-overs). Once a response is relayed, the protocol callbacks go on by
+    themselves while the next request can be served without I/O — decided by `decide_now`,
+    sent on the kept origin connection — and wake the task with the next `_Step` otherwise.
+    One idle clock per connection (`_tick`) times out both a quiet client and a quiet origin.
+    """
 
     def __init__(
         self, ctx: ProxyContext, stream: anyio.abc.ByteStream, client_addr: str | None
     ) -> None:
         self.ctx = ctx
-        self.client = _Client(stream)
+        self.client = ClientSide(stream)
         self.client_addr = client_addr
-        self.origin: _OriginLink | None = None
+        self.origin: OriginLink | None = None
+        self.loop = self.client.loop
+        self.current: _Exchange | None = None
+        self.step: _Step | None = None  # handed to the task by the callbacks
+        self.wake: asyncio.Future[None] | None = None  # the task sleeps on it
+        self.waiting = False  # the callbacks await the next request
+        self.idle_since = 0.0
+        self.idle = ctx.limits.idle_timeout
+        self.timer: asyncio.TimerHandle | None = None
+        self.asked: NetworkPolicyRequest | None = None  # the last policy request, reused
+        self.asked_method = b""
 
     async def serve(self) -> Handoff | _Tunnel | None:
         client = self.client
         client.adopt()
         first = True
+        step: _Step = _Boundary.NEXT
         handoff: Handoff | _Tunnel | None = None
         try:
             while True:
-                end = find_head_end(client.buffer)
-                if end is None:
-                    if client.buffer:  # a partial, bare-LF or oversized head: h11 judges it
-                        handoff = self._to_session(first, head_started=True)
-                        return handoff
-                    if client.eof or client.lost or not await self._wait_for_input(first):
-                        return None
-                    continue
-                if client.buffer.startswith(b"CONNECT "):
-                    handoff = await self._tunnel(end) or self._to_session(first, head_started=False)
-                    return handoff
-                plan = self._plan(end)
-                if plan is None:
-                    handoff = self._to_session(first, head_started=False)
-                    return handoff
-                served = await self._serve_one(plan)
-                if not isinstance(served, bool):
-                    handoff = served
-                    return handoff
-                if not served or not plan.request.keep_alive:
+                if step is _Boundary.NEXT:
+                    step = await self._next_request(first)
+                elif isinstance(step, _Planned):
+                    first = False
+                    step = await self._serve_one(step.plan, step.decision)
+                elif isinstance(step, _Exchanged):
+                    step = await self._after(step.exchange, step.outcome)
+                elif step is _Boundary.CLOSE:
                     return None
-                first = False
+                elif isinstance(step, Exception):
+                    raise step
+                else:
+                    handoff = step
+                    return handoff
         finally:
+            self._detach()
             self._park_origin()
             if handoff is None and client.transport.get_write_buffer_size():
                 with (
@@ -422,6 +229,24 @@ class _FastSession:
                 ):
                     await client.drain()
             client.restore()
+
+    async def _next_request(self, first: bool) -> _Step:
+        """What the bytes at the front of the buffer call for, waiting for them if need be."""
+        client = self.client
+        while True:
+            end = find_head_end(client.buffer)
+            if end is None:
+                if client.buffer:  # a partial, bare-LF or oversized head: h11 judges it
+                    return self._to_session(first, head_started=True)
+                if client.eof or client.lost or not await self._wait_for_input(first):
+                    return _Boundary.CLOSE
+                continue
+            if client.buffer.startswith(b"CONNECT "):
+                return await self._tunnel(end) or self._to_session(first, head_started=False)
+            plan = self._plan(end)
+            if plan is None:
+                return self._to_session(first, head_started=False)
+            return _Planned(plan, None)
 
     # --- one request ------------------------------------------------------------------------
 
@@ -445,6 +270,22 @@ class _FastSession:
         client.consume(len(simple.raw))
         return _Plan(simple, target)
 
+    def _policy_request(self, plan: _Plan) -> NetworkPolicyRequest:
+        """What the policy is asked; the same (immutable) object while method and host repeat."""
+        target, method = plan.target, plan.head.method
+        asked = self.asked
+        if (
+            asked is None
+            or asked.host != target.host
+            or asked.port != target.port
+            or self.asked_method != method
+        ):
+            asked = NetworkPolicyRequest(
+                Protocol.HTTP, target.host, target.port, method.decode("ascii"), self.client_addr
+            )
+            self.asked, self.asked_method = asked, method
+        return asked
+
     async def _tunnel(self, end: int) -> _Tunnel | None:
         """Decide a simple CONNECT at the front of the buffer (its tunnel runs later)."""
         ctx, client = self.ctx, self.client
@@ -463,73 +304,225 @@ class _FastSession:
         decision = await decide(ctx, tunnel.request("CONNECT"), check=check)
         return _Tunnel(simple, target, decision, client.consume(len(client.buffer)))
 
-    async def _serve_one(self, plan: _Plan) -> Handoff | bool:
-        """Decide and forward one request: True = served, False = close, or a handoff."""
-        ctx, head, target = self.ctx, plan.head, plan.target
-        request = NetworkPolicyRequest(
-            Protocol.HTTP, target.host, target.port, head.method.decode("ascii"), self.client_addr
-        )
-        decision = await decide(ctx, request)
+    async def _serve_one(self, plan: _Plan, decision: NetworkDecision | None) -> _Step:
+        """Decide (unless decided) and forward one request."""
+        if decision is None:
+            decision = await decide(self.ctx, self._policy_request(plan))
         if not decision.allowed:
             return self._to_session_decided(plan, decision)
-        limits = ctx.limits
-        fresh = False
-        while True:
-            try:
-                link, reused = await self._origin_for(target, decision, fresh=fresh)
-            except UpstreamError as exc:
-                return self._to_session_decided(plan, decision, failure=exc)
-            if isinstance(link, Origin):  # not a borrowable stream (e.g. TLS to a proxy)
-                return self._to_session_decided(plan, decision, origin=link)
-            path, headers = origin_request(head.headers, target, link.origin.via, upgrade=False)
-            outgoing = serialize_request(head.method, path, headers) + plan.request.body
-            outcome = await link.exchange(
-                self.client,
-                outgoing,
-                bodiless=head.method == b"HEAD",
-                close=not plan.request.keep_alive,
-                limit=limits.max_header_bytes,
-                idle=limits.idle_timeout,
-            )
-            # A kept connection the origin closed as we reused it: once more on a new one,
-            # for a request that is safe to repeat (RFC 9112 §9.3.1).
-            if not (reused and outcome is _Outcome.FALLBACK and _closed_unanswered(link)):
-                break
-            if head.method not in _RETRYABLE or plan.request.body:
-                break
-            fresh = True
-        if outcome is _Outcome.DONE:
+        return await self._forward(plan, decision)
+
+    async def _forward(
+        self, plan: _Plan, decision: NetworkDecision, *, fresh: bool = False
+    ) -> _Step:
+        """Send an allowed request to its origin; the callbacks relay the response."""
+        try:
+            link, reused = await self._origin_for(plan.target, decision, fresh=fresh)
+        except UpstreamError as exc:
+            return self._to_session_decided(plan, decision, failure=exc)
+        if isinstance(link, Origin):  # not a borrowable stream (e.g. TLS to a proxy)
+            return self._to_session_decided(plan, decision, origin=link)
+        self._start(plan, decision, link, reused)
+        return await self._sleep()
+
+    async def _after(self, exchange: _Exchange, outcome: Outcome) -> _Step:
+        """The task's part once an exchange ended: retry, close, or hand over to h11."""
+        plan, link, decision = exchange.plan, exchange.link, exchange.decision
+        # A kept connection the origin closed as we reused it: once more on a new one, for a
+        # request that is safe to repeat (RFC 9112 §9.3.1).
+        if (
+            exchange.reused
+            and outcome is Outcome.FALLBACK
+            and link.closed_unanswered()
+            and plan.head.method in _RETRYABLE
+            and not plan.request.body
+        ):
+            return await self._forward(plan, decision, fresh=True)
+        if outcome is Outcome.DONE:
             if not link.reusable:
                 self._drop_origin()
-            return not self.client.lost
-        if outcome is _Outcome.FALLBACK:
-            return self._to_session_mid_response(plan, link, path, headers)
+            if self.client.lost or not plan.request.keep_alive:
+                return _Boundary.CLOSE
+            return _Boundary.NEXT
+        if outcome is Outcome.FALLBACK:
+            return self._to_session_mid_response(plan, link, exchange.path, exchange.headers)
         self._drop_origin()
-        if outcome is _Outcome.TIMEOUT and not link.started:
-            label = format_host_port(target.host, target.port)
+        if outcome is Outcome.TIMEOUT and not link.started:
+            label = format_host_port(plan.target.host, plan.target.port)
             failure = UpstreamError(f"{label} did not answer in time", timeout=True)
             return self._to_session_decided(plan, decision, failure=failure)
-        return False  # BROKEN, CLIENT_GONE, or a timeout after the response began
+        return _Boundary.CLOSE  # BROKEN, CLIENT_GONE, or a timeout after the response began
+
+    # --- the callback-driven steady state ---------------------------------------------------
+
+    def _start(
+        self, plan: _Plan, decision: NetworkDecision, link: OriginLink, reused: bool
+    ) -> None:
+        """Send the request on `link`; `_exchanged` gets the outcome."""
+        head = plan.head
+        path, headers = origin_request(head.headers, plan.target, link.origin.via, upgrade=False)
+        outgoing = serialize_request(head.method, path, headers) + plan.request.body
+        self.current = _Exchange(plan, decision, link, reused, path, headers)
+        limits = self.ctx.limits
+        self.idle = limits.idle_timeout
+        self._arm()
+        link.begin(
+            self.client,
+            outgoing,
+            self._exchanged,
+            bodiless=head.method == b"HEAD",
+            close=not plan.request.keep_alive,
+            limit=limits.max_header_bytes,
+        )
+
+    def _exchanged(self, outcome: Outcome) -> None:
+        exchange, self.current = self.current, None
+        assert exchange is not None
+        if (
+            outcome is Outcome.DONE
+            and exchange.link.reusable
+            and exchange.plan.request.keep_alive
+            and not self.client.lost
+            and self.wake is not None  # the task sleeps: the callbacks may go on
+        ):
+            self._next_in_callbacks()
+        else:
+            self._resume_task(_Exchanged(exchange, outcome))
+
+    def _next_in_callbacks(self) -> None:
+        """Serve the next request from here if it needs no I/O; else wake the task."""
+        try:
+            self._serve_next()
+        except Exception as exc:  # the task must not sleep on: it raises this and closes
+            self._resume_task(exc)
+
+    def _serve_next(self) -> None:
+        ctx, client = self.ctx, self.client
+        buffer = client.buffer
+        end = find_head_end(buffer) if buffer else None
+        if end is None:
+            if buffer or client.eof or client.lost or ctx.shutting_down:
+                self._resume_task(_Boundary.NEXT)
+                return
+            self.waiting = True
+            self.idle_since = self.loop.time()
+            self.idle = ctx.limits.idle_timeout
+            client.on_bytes = self._bytes_arrived
+            ctx.idle_waits.add(self)
+            self._arm()
+            return
+        plan = None if buffer.startswith(b"CONNECT ") else self._plan(end)
+        if plan is None:
+            self._resume_task(_Boundary.NEXT)
+            return
+        decision = decide_now(ctx, self._policy_request(plan))
+        link = None if decision is None else self._kept_origin(plan.target, decision)
+        if decision is None or link is None or not decision.allowed:
+            self._resume_task(_Planned(plan, decision))
+            return
+        self._start(plan, decision, link, reused=True)
+
+    def _bytes_arrived(self) -> None:
+        if self.waiting:
+            self._stop_waiting()
+            self._next_in_callbacks()
+
+    def _stop_waiting(self) -> None:
+        self.waiting = False
+        self.client.on_bytes = None
+        self.ctx.idle_waits.discard(self)
+
+    def cancel(self) -> None:
+        """End the callbacks' wait for the next request (shutdown: `ProxyContext.idle_waits`)."""
+        if self.waiting:
+            self._stop_waiting()
+            self._resume_task(_Boundary.CLOSE)
+
+    def _arm(self) -> None:
+        if self.timer is None:
+            self.timer = self.loop.call_at(self.loop.time() + self.idle, self._tick)
+
+    def _tick(self) -> None:
+        """The idle clock: a quiet origin mid-exchange, or a quiet client between requests."""
+        self.timer = None
+        now = self.loop.time()
+        exchange = self.current
+        if exchange is not None:
+            link = exchange.link
+            if self.client.write_paused:  # a slow client is not an idle origin
+                link.last = now
+            due = link.last + self.idle
+            if now >= due:
+                link.finish(Outcome.TIMEOUT)
+                return
+        elif self.waiting:
+            due = self.idle_since + self.idle
+            if now >= due:
+                self._stop_waiting()
+                self._resume_task(_Boundary.CLOSE)
+                return
+        else:
+            return
+        self.timer = self.loop.call_at(due, self._tick)
+
+    def _resume_task(self, step: _Step) -> None:
+        self.step = step
+        wake = self.wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    async def _sleep(self) -> _Step:
+        """Let the callbacks drive until they hand the task a step."""
+        if self.step is None:
+            self.wake = self.loop.create_future()
+            try:
+                await self.wake
+            finally:
+                self.wake = None
+        step, self.step = self.step, None
+        assert step is not None
+        return step
+
+    def _detach(self) -> None:
+        """The task ends: no callback may drive this connection any more."""
+        if self.waiting:
+            self._stop_waiting()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        exchange, self.current = self.current, None
+        if exchange is not None:  # cancelled mid-exchange: the connection's state is unknown
+            exchange.link.abandon()
+
+    # --- origin connections -----------------------------------------------------------------
+
+    def _kept_origin(self, target: Forward, decision: NetworkDecision) -> OriginLink | None:
+        """This connection's own origin link, if it fits `target` and is idle and usable."""
+        kept = self.origin
+        if kept is not None and kept.key == _origin_key(target, decision) and kept.usable():
+            return kept
+        return None
 
     async def _origin_for(
         self, target: Forward, decision: NetworkDecision, *, fresh: bool = False
-    ) -> tuple[_OriginLink | Origin, bool]:
+    ) -> tuple[OriginLink | Origin, bool]:
         """The origin connection for `target` and whether it served a request before."""
-        key = (target.scheme, target.host, target.port, decision.addresses)
-        kept = self.origin
-        if not fresh and kept is not None and kept.key == key and kept.usable():
-            return kept, True
+        if not fresh:
+            kept = self._kept_origin(target, decision)
+            if kept is not None:
+                return kept, True
         self._drop_origin()
+        key = _origin_key(target, decision)
         rules = self.ctx.state.rules
         pooled = None if fresh else self.ctx.origin_pool.take(key, rules)
-        if isinstance(pooled, _OriginLink):
+        if isinstance(pooled, OriginLink):
             pooled.parked = None
             self.origin = pooled
             return pooled, True
         origin = await open_origin(self.ctx, target.host, target.port, decision)
         if not adoptable(origin.stream):
             return origin, False
-        link = _OriginLink(origin, key, rules)
+        link = OriginLink(origin, key, rules)
         link.adopt()
         self.origin = link
         return link, False
@@ -584,7 +577,7 @@ class _FastSession:
         return resume
 
     def _to_session_mid_response(
-        self, plan: _Plan, link: _OriginLink, path: bytes, headers: list[tuple[bytes, bytes]]
+        self, plan: _Plan, link: OriginLink, path: bytes, headers: list[tuple[bytes, bytes]]
     ) -> Handoff:
         data = self._take_input(plan)
         received = bytes(link.buffer)
@@ -607,8 +600,8 @@ class _FastSession:
     async def _wait_for_input(self, first: bool) -> bool:
         """Wait for the next request's first bytes; False on timeout or shutdown.
 
-        A timer and the client's own waiter (no cancel scope: this runs per request); it is
-        in `ctx.idle_waits`, so a shutdown ends it at once like any idle wait.
+        A timer and the client's own waiter (no cancel scope); it is in `ctx.idle_waits`,
+        so a shutdown ends it at once like any idle wait.
         """
         ctx, client = self.ctx, self.client
         if ctx.shutting_down:
@@ -617,7 +610,7 @@ class _FastSession:
         wait = limits.handshake_timeout if first else limits.idle_timeout
         loop = client.loop
         waiter = client.waiter = loop.create_future()
-        timer = loop.call_later(wait, _end_wait, waiter)
+        timer = loop.call_later(wait, end_wait, waiter)
         ctx.idle_waits.add(client)
         try:
             return await waiter is None
@@ -630,11 +623,6 @@ class _FastSession:
 _RETRYABLE: Final = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 
 
-def _closed_unanswered(link: _OriginLink) -> bool:
-    """The origin closed the connection without a byte of response."""
-    return not link.buffer and (link.eof or link.lost)
-
-
-def _end_wait(waiter: asyncio.Future[object]) -> None:
-    if not waiter.done():
-        waiter.set_result(False)
+def _origin_key(target: Forward, decision: NetworkDecision) -> tuple[object, ...]:
+    """Origin connections are reused per scheme, host, port and checked addresses."""
+    return (target.scheme, target.host, target.port, decision.addresses)
