@@ -221,6 +221,7 @@ async def _serve(
     notice: str | None,
     early: dict[str, socket.socket],
 ) -> int:
+    import gc
     import logging
     import signal
     from pathlib import Path
@@ -242,6 +243,9 @@ async def _serve(
             if args.ready_file:  # first, so whoever reads stdout finds the file too
                 _write_atomic(Path(args.ready_file), line)
             print(line, flush=True)
+            # The start-up heap (modules, the CA, compiled rules) lives as long as the process:
+            # moved out of the collector's generations, full collections stop rescanning it.
+            gc.freeze()
             async for signum in signals:
                 if signum != signal.SIGHUP:
                     log.info(
