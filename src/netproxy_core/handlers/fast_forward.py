@@ -4,8 +4,10 @@ Most proxied requests are the simple kind: an absolute-form ``http://`` request 
 arrives whole, with no body or a small one, answered with a `Content-Length` response. For
 those, `serve_http_connection` skips h11 and anyio's per-call stream machinery: it borrows
 both sockets' transports (`net.adopt`), parses heads with the strict h11-subset parser in
-`proto.h1_fast`, makes the request's one policy decision through the same `decide()`, and
-relays the response from the origin's data callback straight into the client's transport.
+`proto.h1_fast`, makes the request's one policy decision through the same evaluation as
+`decide()`, and relays the response from the origin's data callback straight into the
+client's transport (`fast_links`). After the first response, the next request on a kept
+origin connection is served from the callbacks alone when it needs no I/O (`decide_now`).
 
 A simple CONNECT is decided here too; its tunnel then runs on the anyio stream as on the h11
 path (`tunnel.run_tunnel`), with only the `200` written directly.
