@@ -1160,3 +1160,68 @@ def test_shutdown_closes_an_idle_kept_alive_connection_at_once(serve: Any) -> No
         started = time.monotonic()
     assert client.closed()
     assert time.monotonic() - started < 5  # not the 60 s idle timeout
+
+
+def test_random_request_sequences_on_kept_connections(serve: Any) -> None:
+    """Seeded mixes of simple requests, refusals, bodies and h11 fallbacks, one at a time or
+    pipelined: every response in order and right, one audit event per request."""
+
+    def respond(request: bytes) -> bytes:
+        path = path_of(request)
+        if path.startswith(b"/chunked"):
+            return b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        body = request.partition(b"\r\n\r\n")[2]
+        answer = ok(b"path=" + path + (b" body=" + body if body else b""))
+        if request.startswith(b"HEAD"):  # the head alone, with the length a GET would get
+            return answer.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+        return answer
+
+    refused = b"GET http://%s/x HTTP/1.1\r\nHost: %s\r\n\r\n" % ((BLOCKED.encode(),) * 2)
+    post = b"POST http://%s/p%%d HTTP/1.1\r\nHost: %s\r\ncontent-length: 3\r\n\r\nxyz" % (
+        (API.encode(),) * 2
+    )
+    rng = random.Random(9)
+    with serve(serve_each(respond)) as (proxy, _):
+        expected_events: list[tuple[str, str, str]] = []
+        for sequence in range(40):
+            kinds = [
+                rng.choice(["get", "get", "get", "head", "post", "refused", "chunked"])
+                for _ in range(rng.randint(1, 8))
+            ]
+            client = Client(proxy)
+            i = 0
+            while i < len(kinds):
+                batch = kinds[i : i + rng.randint(1, 3)]
+                wire = b""
+                for n, kind in enumerate(batch, start=i):
+                    if kind == "refused":
+                        wire += refused
+                    elif kind == "post":
+                        wire += post % n
+                    elif kind == "head":
+                        wire += get(f"/h{n}").replace(b"GET", b"HEAD", 1)
+                    else:
+                        wire += get(f"/{'chunked' if kind == 'chunked' else 'g'}{n}")
+                client.send(wire)
+                for n, kind in enumerate(batch, start=i):
+                    method = b"HEAD" if kind == "head" else b"GET"
+                    response = client.response(method)
+                    context = (sequence, kinds, n)
+                    if kind == "refused":
+                        assert response.status == 403, context
+                        expected_events.append((BLOCKED, "GET", "deny"))
+                        continue
+                    assert response.status == 200, context
+                    if kind == "chunked":
+                        assert response.body == b"abc", context
+                    elif kind == "post":
+                        assert response.body == b"path=/p%d body=xyz" % n, context
+                    elif kind == "head":
+                        assert response.body == b"", context
+                    else:
+                        assert response.body == b"path=/g%d" % n, context
+                    method_name = {"head": "HEAD", "post": "POST"}.get(kind, "GET")
+                    expected_events.append((API, method_name, "allow"))
+                i += len(batch)
+            client.close()
+        assert events(proxy) == expected_events
