@@ -24,6 +24,10 @@ Behaviour of `TlsStream` (same as `TLSStream(standard_compatible=False)` unless 
   sent is lost, since `send` waited for the socket buffer.
 - Extra attributes: `TLSAttribute.*` from the SSL object and the socket addresses; no
   `raw_socket` (nothing may bypass TLS, e.g. splice it).
+- Callback use (not in anyio's): `set_listener` has a function called from the event loop on
+  every arrival, EOF, loss and drained writer; it reads with `take`, writes with `write` and
+  closes with `abort`, so a caller can relay without a task waking per arrival. Bytes not
+  taken stay buffered exactly as bytes not received do.
 """
 
 from __future__ import annotations
@@ -159,6 +163,56 @@ class TlsStream(anyio.abc.ByteStream):
         """End a pending `receive_within` with `TimeoutError` (a shutdown ending idle waits)."""
         _expire(self._protocol.read_waiter)
 
+    # --- callback use: no task wakes up per arrival ---------------------------------------
+
+    def set_listener(self, listener: Callable[[], None] | None) -> None:
+        """Call `listener()` from the event loop on every arrival, EOF, loss, drained writer
+        and close, until it is set to None. It must not raise; it reads with `take`."""
+        self._protocol.listener = listener
+
+    def take(self) -> bytes:
+        """Every decrypted byte received and not yet read, without waiting (b"" if none)."""
+        protocol = self._protocol
+        chunks = protocol.chunks
+        if not chunks:
+            return b""
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        protocol.size = 0
+        if protocol.reading_paused:
+            protocol.reading_paused = False
+            self._transport.resume_reading()
+        return data
+
+    @property
+    def ended(self) -> bool:
+        """Nothing is left to read and nothing more will come (EOF, loss or our close)."""
+        protocol = self._protocol
+        return not protocol.chunks and (protocol.eof or protocol.lost or self._closed)
+
+    @property
+    def idle(self) -> bool:
+        """Open, with nothing unread (no byte has come that nobody asked for)."""
+        protocol = self._protocol
+        return not (protocol.chunks or protocol.eof or protocol.lost or self._closed)
+
+    @property
+    def write_blocked(self) -> bool:
+        """Bytes written are still waiting for the kernel's socket buffer."""
+        protocol = self._protocol
+        return protocol.writing_paused or protocol.socket_paused
+
+    def write(self, data: bytes) -> None:
+        """`send` without waiting for the socket buffer (see `write_blocked`); same errors."""
+        self._check_writable()
+        self._transport.write(data)
+
+    def abort(self) -> None:
+        """`aclose` from a callback."""
+        if not self._closed:
+            self._closed = True
+            self._close()
+
     async def send(self, item: bytes) -> None:
         protocol = self._protocol
         if protocol.writing_paused or protocol.socket_paused:
@@ -246,6 +300,7 @@ class _Protocol(asyncio.Protocol):
         "chunks",
         "eof",
         "error",
+        "listener",
         "lost",
         "read_waiter",
         "reading_paused",
@@ -268,6 +323,7 @@ class _Protocol(asyncio.Protocol):
         self.writing_paused = False
         self.socket_paused = False  # the socket's own write buffer holds bytes
         self.transport: asyncio.Transport | None = None
+        self.listener: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -282,6 +338,8 @@ class _Protocol(asyncio.Protocol):
         waiter = self.read_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if self.listener is not None:
+            self.listener()
 
     def eof_received(self) -> bool | None:
         self.eof = True
@@ -305,11 +363,15 @@ class _Protocol(asyncio.Protocol):
         waiter = self.write_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if self.listener is not None:
+            self.listener()
 
     def wake(self) -> None:
         for waiter in (self.read_waiter, self.write_waiter):
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+        if self.listener is not None:
+            self.listener()
 
 
 class _SocketSide(asyncio.BufferedProtocol):
