@@ -16,7 +16,7 @@ import trustme
 from anyio.streams.tls import TLSAttribute, TLSStream
 
 from netproxy_core.net.streams import ReplayStream, peek
-from netproxy_core.net.tls import TlsStream, start_tls
+from netproxy_core.net.tls import READ_HIGH, TlsStream, start_tls
 
 try:
     import uvloop  # noqa: F401
@@ -256,3 +256,34 @@ def test_streams_without_a_transport_use_anyio_tls(
 
     anyio.run(main)
     assert kinds == [TLSStream, TLSStream]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_reader_that_falls_behind_bounds_what_is_buffered(
+    loop: str, contexts: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> None:
+    """Back-pressure reaches the socket: a stalled reader holds about `READ_HIGH`, not the
+    whole 16 MiB the peer tries to send, and then still gets every byte."""
+    server_ctx, client_ctx = contexts
+    size = 16 << 20
+
+    async def blast(tls: anyio.abc.ByteStream) -> None:
+        await tls.receive()
+        chunk = b"z" * (1 << 20)
+        for _ in range(size // len(chunk)):
+            await tls.send(chunk)
+
+    async def client(port: int) -> None:
+        tls = await dial_tls(port, client_ctx)
+        await tls.send(b"go")
+        await anyio.sleep(0.5)
+        assert isinstance(tls, TlsStream)
+        buffered = tls._protocol.size
+        assert buffered <= READ_HIGH + (256 << 10), buffered
+        got = 0
+        while got < size:
+            got += len(await tls.receive())
+        await tls.aclose()
+        assert got == size
+
+    run(loop, lambda: with_server(server_ctx, blast, client))

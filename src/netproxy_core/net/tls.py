@@ -96,6 +96,9 @@ async def start_tls(
     tls_transport = await _primed(coro, lambda: socket_side.install(transport, prefix))
     if tls_transport is None:  # the loop closed the transport meanwhile
         raise anyio.BrokenResourceError
+    # Back-pressure acts on the socket: `start_tls` never calls `connection_made`, and pausing
+    # the TLS transport instead loses decrypted bytes on uvloop when the peer closes meanwhile.
+    protocol.transport = transport
     return TlsStream(tls_transport, protocol)
 
 
@@ -140,8 +143,7 @@ class TlsStream(anyio.abc.ByteStream):
             chunks.appendleft(rest)
         protocol.size -= len(chunk)
         if protocol.reading_paused and protocol.size <= READ_LOW:
-            protocol.reading_paused = False
-            self._transport.resume_reading()
+            protocol.resume()
         return chunk
 
     async def receive_within(self, timeout: float, max_bytes: int = 65536) -> bytes:
@@ -180,8 +182,7 @@ class TlsStream(anyio.abc.ByteStream):
         chunks.clear()
         protocol.size = 0
         if protocol.reading_paused:
-            protocol.reading_paused = False
-            self._transport.resume_reading()
+            protocol.resume()
         return data
 
     @property
@@ -332,7 +333,8 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.chunks.append(data)
         self.size += len(data)
-        if self.size > READ_HIGH and not self.reading_paused and self.transport is not None:
+        if self.size > READ_HIGH and self.transport is not None:
+            # Every time: the TLS layer may resume the socket for its own reasons.
             self.reading_paused = True
             self.transport.pause_reading()
         waiter = self.read_waiter
@@ -340,6 +342,12 @@ class _Protocol(asyncio.Protocol):
             waiter.set_result(None)
         if self.listener is not None:
             self.listener()
+
+    def resume(self) -> None:
+        """Read from the socket again (the reader took enough of what was buffered)."""
+        self.reading_paused = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         self.eof = True
