@@ -7,13 +7,14 @@ routing, chaining and TLS verification are decided in one place (SPEC §4.2 step
 from __future__ import annotations
 
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import anyio
 import anyio.abc
 
 from ..errors import UpstreamError
-from ..hosts import format_host_port
+from ..hosts import IPAddress, format_host_port
 from ..net.dial import dial_addresses
 from ..net.tls import start_tls
 from ..net.upstream import UpstreamProxy, open_connect_tunnel
@@ -21,7 +22,7 @@ from ..policy.engine import find_route
 from ..policy.model import NetworkDecision
 from .context import ProxyContext
 
-__all__ = ["Origin", "open_origin"]
+__all__ = ["Direct", "Origin", "open_origin", "origin_path"]
 
 
 @dataclass(slots=True, eq=False)
@@ -31,6 +32,38 @@ class Origin:
 
     stream: anyio.abc.ByteStream
     via: UpstreamProxy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Direct:
+    """Dial these addresses (in order) at `port` — no upstream proxy in between."""
+
+    addresses: Sequence[IPAddress | str]
+    port: int
+    label: str
+
+
+def origin_path(
+    ctx: ProxyContext,
+    host: str,
+    port: int,
+    decision: NetworkDecision,
+    *,
+    secure: bool,
+) -> Direct | UpstreamProxy:
+    """How `open_origin` reaches ``host:port``: a route or the checked addresses (`Direct`),
+    or an upstream proxy. `secure`: TLS or a tunnel (picks the proxy for secure traffic)."""
+    route = find_route(ctx.state.rules, host, port)
+    if route is not None:
+        return Direct((route[0],), route[1], format_host_port(host, port))
+    proxy = (
+        ctx.upstream.proxy_for(host, secure=secure, routed=False)
+        if ctx.config.allow_upstream_proxy
+        else None
+    )
+    if proxy is not None:
+        return proxy
+    return Direct(decision.addresses, port, format_host_port(host, port))
 
 
 async def open_origin(
@@ -53,33 +86,20 @@ async def open_origin(
         UpstreamError: connection, chaining or TLS failure (502), or timeout (504).
     """
     limits = ctx.limits
-    route = find_route(ctx.state.rules, host, port)
+    path = origin_path(ctx, host, port, decision, secure=tls or tunnel)
     via: UpstreamProxy | None = None
     stream: anyio.abc.ByteStream
-    if route is not None:
+    if isinstance(path, Direct):
         stream = await dial_addresses(
-            [route[0]], route[1], timeout=limits.connect_timeout, label=format_host_port(host, port)
+            path.addresses, path.port, timeout=limits.connect_timeout, label=path.label
         )
+    elif tls or tunnel:
+        stream = await open_connect_tunnel(path, host, port, timeout=limits.connect_timeout)
     else:
-        proxy = (
-            ctx.upstream.proxy_for(host, secure=tls or tunnel, routed=False)
-            if ctx.config.allow_upstream_proxy
-            else None
+        stream = await dial_addresses(
+            [path.host], path.port, timeout=limits.connect_timeout, label=path.label
         )
-        if proxy is not None and (tls or tunnel):
-            stream = await open_connect_tunnel(proxy, host, port, timeout=limits.connect_timeout)
-        elif proxy is not None:
-            stream = await dial_addresses(
-                [proxy.host], proxy.port, timeout=limits.connect_timeout, label=proxy.label
-            )
-            via = proxy
-        else:
-            stream = await dial_addresses(
-                decision.addresses,
-                port,
-                timeout=limits.connect_timeout,
-                label=format_host_port(host, port),
-            )
+        via = path
     if tls:
         stream = await _wrap_tls(ctx, stream, host)
     return Origin(stream, via)

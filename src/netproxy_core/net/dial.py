@@ -6,9 +6,11 @@ The one place outbound TCP/unix connections are opened; every foreign error beco
 
 from __future__ import annotations
 
+import asyncio
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from typing import TypeVar
 
 import anyio
 import anyio.abc
@@ -17,13 +19,17 @@ import h11
 from ..errors import UpstreamError
 from ..hosts import IPAddress, format_host_port
 
-__all__ = ["dial_addresses", "dial_unix", "upstream_errors"]
+__all__ = ["asyncio_loop", "dial_addresses", "dial_protocol", "dial_unix", "upstream_errors"]
 
-try:  # anyio internals: the running backend's own connect, and its asyncio stream type
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+try:  # anyio internals: the running backend's own connect, its asyncio stream and protocol
     from anyio._backends._asyncio import SocketStream as _AioStream
+    from anyio._backends._asyncio import StreamProtocol as _AioProtocol
     from anyio._core._eventloop import get_async_backend as _backend
 except ImportError:  # pragma: no cover - another anyio layout: the public calls only
     _AioStream = None  # type: ignore[assignment,misc]
+    _AioProtocol = None  # type: ignore[assignment,misc]
     _backend = None  # type: ignore[assignment]
 
 
@@ -55,9 +61,12 @@ async def dial_addresses(
     Raises:
         UpstreamError: nothing answered (timeout → 504 flavour).
     """
+    loop = asyncio_loop()
+    if loop is not None:
+        return await _dial_asyncio(loop, addresses, port, timeout=timeout, label=label)
     last: BaseException = OSError(0, "no address to connect to")
     # A bare deadline scope: `fail_after` and `upstream_errors` cost two generator-based
-    # context managers per dial (this is on every CONNECT's path).
+    # context managers per dial.
     with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
         for address in addresses:
             try:
@@ -71,6 +80,80 @@ async def dial_addresses(
         last = TimeoutError()
     target = label or (format_host_port(str(addresses[0]), port) if addresses else "?")
     raise _upstream_error(target, last) from last
+
+
+async def _dial_asyncio(
+    loop: asyncio.AbstractEventLoop,
+    addresses: Sequence[IPAddress | str],
+    port: int,
+    *,
+    timeout: float,
+    label: str,
+) -> anyio.abc.SocketStream:
+    """`dial_addresses` on asyncio: the loop's `create_connection` into the stream anyio's
+    own `connect_tcp` builds (no backend lookup and no anyio cancel scope per dial)."""
+    transport, protocol = await dial_protocol(
+        loop, addresses, port, _AioProtocol, timeout=timeout, label=label
+    )
+    transport.pause_reading()  # anyio reads on demand
+    return _AioStream(transport, protocol)
+
+
+async def dial_protocol(
+    loop: asyncio.AbstractEventLoop,
+    addresses: Sequence[IPAddress | str],
+    port: int,
+    factory: Callable[[], P],
+    *,
+    timeout: float,
+    label: str = "",
+) -> tuple[asyncio.Transport, P]:
+    """`dial_addresses` straight into an asyncio protocol (asyncio loops only): no stream.
+
+    The deadline works as `asyncio.timeout` does — a timer cancels this task, and only that
+    cancellation becomes a timeout — in one timer and closure (this is on every CONNECT's
+    path), so an anyio cancel scope around the call still cancels it as usual.
+
+    Raises:
+        UpstreamError: nothing answered (timeout → 504 flavour).
+    """
+    last: BaseException = OSError(0, "no address to connect to")
+    task = asyncio.current_task(loop)
+    assert task is not None
+    cancelling = task.cancelling()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = loop.call_later(timeout, expire)
+    try:
+        for address in addresses:
+            try:
+                return await loop.create_connection(factory, str(address), port)
+            except OSError as exc:
+                last = exc
+    except asyncio.CancelledError:
+        # Ours alone becomes the timeout; any other cancellation (as well) goes on.
+        if not expired or task.uncancel() > cancelling:
+            raise
+        last = TimeoutError()
+    finally:
+        timer.cancel()
+    target = label or (format_host_port(str(addresses[0]), port) if addresses else "?")
+    raise _upstream_error(target, last) from last
+
+
+def asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop when anyio's asyncio internals are at hand, else None."""
+    if _AioStream is None:  # pragma: no cover
+        return None
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # another backend (trio)
+        return None
 
 
 async def dial_unix(path: str, *, timeout: float) -> anyio.abc.SocketStream:
