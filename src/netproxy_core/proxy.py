@@ -40,6 +40,11 @@ from .net.upstream import UpstreamProxies
 from .policy.model import NetworkDecision, NetworkPolicyRequest
 from .state import RuntimeState
 
+try:  # anyio's per-task cancel-scope stacks (private: read to honour shields, see `_shielded`)
+    from anyio._backends._asyncio import _task_states as _anyio_task_states
+except ImportError:  # pragma: no cover - another anyio layout
+    _anyio_task_states = None  # type: ignore[assignment]
+
 __all__ = ["NetworkProxy", "NetworkProxyBuilder", "ProxyHandle", "default_home"]
 
 log = logging.getLogger("netproxy.proxy")
@@ -153,8 +158,46 @@ class NetworkProxyBuilder:
 
 @dataclass(slots=True, eq=False)
 class _Connection:
-    scope: anyio.CancelScope
-    busy: bool = False
+    """One served connection: its task when the proxy started that task itself
+    (`TransportListener.serve_started`), else the cancel scope its task entered.
+
+    A task of the proxy's own has no cancel scope of its own (entering and leaving one costs
+    more than the rest of a CONNECT's bookkeeping): `cancel` cancels the task as a scope
+    would — not while it is inside a shielded anyio scope, and again each time `_drain`
+    asks, as anyio re-delivers a cancellation at every unshielded wait.
+    """
+
+    scope: anyio.CancelScope | None = None
+    task: asyncio.Task[None] | None = None
+    started: bool = False
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True  # a task not yet started closes its stream at once
+        if self.scope is not None:
+            self.scope.cancel()
+        elif (
+            self.started
+            and self.task is not None
+            and not self.task.done()
+            and not _shielded(self.task)
+        ):
+            self.task.cancel()
+
+
+def _shielded(task: asyncio.Task[None]) -> bool:
+    """The task is inside a shielded anyio cancel scope (anyio would not cancel it now).
+
+    Read from anyio's private state; another layout reads as unshielded (a shutdown past its
+    grace then cancels the task outright).
+    """
+    state = None if _anyio_task_states is None else _anyio_task_states.get(task)
+    scope: Any = getattr(state, "cancel_scope", None)
+    while scope is not None:
+        if getattr(scope, "_shield", False):
+            return True
+        scope = getattr(scope, "_parent_scope", None)
+    return False
 
 
 @dataclass(slots=True, eq=False)
@@ -287,7 +330,7 @@ class NetworkProxy:
         if self.broker is not None:
             self.ctx.broker = self.broker
             self.ctx.broker_hosts = self.broker.is_bound
-        self._connections: dict[int, _Connection] = {}
+        self._connections: dict[_Connection, None] = {}
         self._over_limit_logged = False
         self.handle: ProxyHandle | None = None
 
@@ -506,17 +549,23 @@ class NetworkProxy:
         serve: Callable[..., Any],
         conns: anyio.abc.TaskGroup,
     ) -> None:
-        async def handler(stream: anyio.abc.SocketStream) -> None:
-            await self._serve_connection(stream, serve)
-
         try:
-            await listener.serve(handler, task_group=conns)
+            if isinstance(listener, TransportListener):
+                # Each connection's task starts in the accept callback: no listener wake-up
+                # and no anyio task machinery per connection (`_drain` ends these tasks).
+                loop = asyncio.get_running_loop()
+                await listener.serve_started(lambda stream: self._start(loop, stream, serve))
+            else:
+
+                async def handler(stream: anyio.abc.SocketStream) -> None:
+                    await self._serve_connection(stream, serve, self._admit(stream))
+
+                await listener.serve(handler, task_group=conns)
         except* anyio.ClosedResourceError:  # closed by a shutdown (a multi-listener groups it)
             pass
 
-    async def _serve_connection(
-        self, stream: anyio.abc.SocketStream, serve: Callable[..., Any]
-    ) -> None:
+    def _admit(self, stream: anyio.abc.SocketStream) -> _Connection | None:
+        """Register a new connection, or None when `max_connections` are open already."""
         limits = self.config.limits
         if len(self._connections) >= limits.max_connections:
             if not self._over_limit_logged:
@@ -525,23 +574,60 @@ class NetworkProxy:
                     limits.max_connections,
                 )
                 self._over_limit_logged = True
-            await stream.aclose()
-            return
+            return None
         self._over_limit_logged = False
-        peer = peer_address(stream)
-        client = format_addr(str(peer[0]), int(peer[1])) if peer is not None else None
-        with anyio.CancelScope() as scope:
-            key = id(scope)
-            self._connections[key] = _Connection(scope)
-            try:
-                await serve(self.ctx, stream, client)
-            except Exception:
-                log.exception("connection from %s failed", client)
-            finally:
-                del self._connections[key]
-                if not close_now(stream):
-                    with anyio.CancelScope(shield=True):
-                        await stream.aclose()
+        conn = _Connection()
+        self._connections[conn] = None
+        return conn
+
+    def _start(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        stream: anyio.abc.SocketStream,
+        serve: Callable[..., Any],
+    ) -> None:
+        """From the accept callback: register the connection and start its task."""
+        try:
+            conn = self._admit(stream)
+            if conn is None:
+                close_now(stream)
+                return
+            conn.task = loop.create_task(self._serve_connection(stream, serve, conn))
+        except Exception:  # never let an accept callback fail: the loop would only log it
+            log.exception("cannot serve an accepted connection")
+            close_now(stream)
+
+    async def _serve_connection(
+        self,
+        stream: anyio.abc.SocketStream,
+        serve: Callable[..., Any],
+        conn: _Connection | None,
+    ) -> None:
+        client: str | None = None
+        try:
+            if conn is None or conn.cancelled:  # over the limit, or cancelled before it began
+                return
+            conn.started = True
+            peer = peer_address(stream)
+            client = format_addr(str(peer[0]), int(peer[1])) if peer is not None else None
+            if conn.task is not None:  # the proxy's own task: `_Connection.cancel` cancels it
+                try:
+                    await serve(self.ctx, stream, client)
+                except Exception:
+                    log.exception("connection from %s failed", client)
+                return
+            with anyio.CancelScope() as scope:
+                conn.scope = scope
+                try:
+                    await serve(self.ctx, stream, client)
+                except Exception:
+                    log.exception("connection from %s failed", client)
+        finally:
+            if conn is not None:
+                self._connections.pop(conn, None)
+            if not close_now(stream):
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
 
     async def _shutdown(
         self,
@@ -564,8 +650,17 @@ class NetworkProxy:
         with anyio.move_on_after(grace):
             while self._connections:
                 await anyio.sleep(0.02)
-        for conn in list(self._connections.values()):
-            conn.scope.cancel()
+        conns = list(self._connections)
+        for conn in conns:
+            conn.cancel()
+        # Tasks the proxy started itself (not in a task group): cancel them until they end,
+        # as a cancelled scope would (a shielded part is let finish).
+        tasks = {conn.task for conn in conns if conn.task is not None and not conn.task.done()}
+        while tasks:
+            _, tasks = await asyncio.wait(tasks, timeout=0.02)
+            for conn in conns:
+                if conn.task in tasks:
+                    conn.cancel()
         self.ctx.origin_pool.close()
 
 

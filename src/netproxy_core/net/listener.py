@@ -5,6 +5,11 @@ anyio's asyncio listener accepts one connection per turn of an `await` loop (a c
 loop itself (in C under uvloop) and calls back once per connection. `TransportListener`
 gives every accepted connection to the handler as the same anyio asyncio `SocketStream`
 anyio would have built, so handlers cannot tell the difference — only the cost.
+
+`serve` starts each handler in the caller's anyio task group (one listener wake-up per batch
+of accepts). `serve_started` goes further: the accept callback itself is handed the stream
+(`Starter`), so the caller can start its own task at once — no listener wake-up and no
+anyio task machinery per connection; the caller then owns those tasks' lifetimes.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any, cast
 import anyio
 import anyio.abc
 
-__all__ = ["TransportListener"]
+__all__ = ["Starter", "TransportListener"]
 
 # anyio's asyncio stream and protocol (private API: the stream handed out must be anyio's own).
 from anyio._backends._asyncio import SocketStream as _SocketStream
@@ -26,6 +31,8 @@ from anyio._backends._asyncio import StreamProtocol as _StreamProtocol
 
 BACKLOG = 4096
 Handler = Callable[[anyio.abc.SocketStream], Any]
+# Called from the loop's accept callback with each accepted stream; must not block or raise.
+Starter = Callable[[anyio.abc.SocketStream], None]
 
 
 class TransportListener(anyio.abc.Listener[anyio.abc.SocketStream]):
@@ -65,6 +72,23 @@ class TransportListener(anyio.abc.Listener[anyio.abc.SocketStream]):
                 while accepted:  # accepted as the listener closed: never served
                     accepted.popleft()._transport.abort()
 
+    async def serve_started(self, start: Starter) -> None:
+        """Accept until cancelled (or closed), calling `start(stream)` for each connection from
+        the loop's accept callback. Connections already started are the caller's to end."""
+        if self._closed:
+            raise anyio.ClosedResourceError
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> asyncio.Protocol:
+            return _Started(start)
+
+        try:
+            for sock in self.sockets:
+                self._servers.append(await loop.create_server(protocol, sock=sock, backlog=BACKLOG))
+            await anyio.sleep_forever()
+        finally:
+            self._close_servers()
+
     def _close_servers(self) -> None:
         for server in self._servers:
             server.close()
@@ -99,3 +123,16 @@ class _Accepted(_StreamProtocol):
         stream.pause_reading()  # anyio reads on demand
         self._accepted.append(_SocketStream(stream, self))
         self._ready.set()
+
+
+class _Started(_StreamProtocol):
+    """anyio's stream protocol that hands its stream to a `Starter` once connected."""
+
+    def __init__(self, start: Starter) -> None:
+        self._start = start
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        stream = cast(asyncio.Transport, transport)
+        stream.pause_reading()  # anyio reads on demand
+        self._start(_SocketStream(stream, self))
