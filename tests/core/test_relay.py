@@ -7,6 +7,7 @@ chosen by wrapping `b` in a pass-through stream the linked engine cannot borrow.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import socket
@@ -18,8 +19,10 @@ import anyio
 import anyio.abc
 import pytest
 
-from netproxy_core.net.adopt import adoptable
-from netproxy_core.net.relay import relay
+from netproxy_core.errors import UpstreamError
+from netproxy_core.net.adopt import Adopted, adoptable
+from netproxy_core.net.dial import dial_protocol
+from netproxy_core.net.relay import Dialled, linkable, relay, relay_dialled
 from netproxy_core.net.streams import ReplayStream
 
 try:
@@ -61,21 +64,26 @@ Case = Callable[
 ]
 
 
-def run_case(loop: str, engine: str, case: Case) -> None:
-    """case(client, a, b, origin) with a/b ready for `relay(a, b)`."""
+def run_case(
+    loop: str, engine: str, case: Callable[..., Awaitable[None]], *, port: bool = False
+) -> None:
+    """case(client, a, b, origin) with a/b ready for `relay(a, b)`; with `port`, the listener's
+    port comes last (for dialling one more connection to it)."""
 
     async def main() -> None:
         async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
-            port = listener.extra(anyio.abc.SocketAttribute.local_port)
-            client = await anyio.connect_tcp("127.0.0.1", port)
+            port_ = listener.extra(anyio.abc.SocketAttribute.local_port)
+            client = await anyio.connect_tcp("127.0.0.1", port_)
             a = await _accept(listener)
-            b_raw = await anyio.connect_tcp("127.0.0.1", port)
+            b_raw = await anyio.connect_tcp("127.0.0.1", port_)
             origin = await _accept(listener)
             assert adoptable(a) and adoptable(b_raw)
             b: anyio.abc.ByteStream = b_raw if engine == "linked" else Wrapped(b_raw)
             try:
                 with anyio.fail_after(30):
-                    await case(client, a, b, origin)
+                    await (
+                        case(client, a, b, origin, port_) if port else case(client, a, b, origin)
+                    )
             finally:
                 for s in (client, origin, a, b_raw):
                     await s.aclose()
@@ -250,3 +258,156 @@ def test_cancelling_the_relay_closes_both_ends(loop: str) -> None:
         assert await read_all(origin) == b""
 
     run_case(loop, "linked", case)
+
+
+# --- cheaper tunnel set-up paths (SPEC §5.6, §16) ----------------------------------------------
+# A borrowed client transport taken over by the linked relay (`held`), an origin dialled
+# straight into the relay's protocol (`Dialled`), the dial's own deadline, and streams closed
+# in place when a relay ends.
+
+
+class Holder(Adopted):
+    """A borrower like the HTTP fast path's client: buffers, and says when bytes came."""
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        super().__init__(stream)
+        self.arrived = asyncio.Event()
+
+    def on_input(self) -> None:
+        self.arrived.set()
+
+
+async def assert_closed_in_place(stream: anyio.abc.ByteStream) -> None:
+    with pytest.raises(anyio.ClosedResourceError):
+        await stream.receive()
+    with pytest.raises(anyio.ClosedResourceError):
+        await stream.send(b"x")
+    assert not adoptable(stream)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_held_transport_is_taken_over_with_its_bytes_after_the_prefix(loop: str) -> None:
+    async def case(client: Any, a: Any, b: Any, origin: Any, port: int) -> None:
+        held = Holder(a)
+        held.adopt()
+        await client.send(b"later")  # arrives while the transport is held
+        await held.arrived.wait()
+        assert linkable(ReplayStream(a, b"pre-"), held)
+        async with anyio.create_task_group() as tg:
+            done: list[tuple[int, int]] = []
+
+            async def run_relay() -> None:
+                done.append(await relay(ReplayStream(a, b"pre-"), b, idle_timeout=10, held=held))
+
+            tg.start_soon(run_relay)
+            assert await origin.receive() == b"pre-later"
+            await origin.send(b"answer")
+            assert await client.receive() == b"answer"
+            await client.send_eof()
+            assert await read_all(origin) == b""
+            await origin.send_eof()
+            assert await read_all(client) == b""
+        assert done == [(9, 6)]
+        assert not held.adopted and not held.buffer
+        held.restore()  # nothing left to hand back
+        await assert_closed_in_place(a)
+        await assert_closed_in_place(b)
+
+    run_case(loop, "linked", case, port=True)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_held_transport_goes_back_to_its_stream_for_the_pumps(loop: str) -> None:
+    async def case(client: Any, a: Any, b: Any, origin: Any, port: int) -> None:
+        held = Holder(a)
+        held.adopt()
+        await client.send(b"later")
+        await held.arrived.wait()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                lambda: relay(ReplayStream(a, b"pre-"), Wrapped(b), idle_timeout=10, held=held)
+            )
+            assert await origin.receive() == b"pre-"
+            assert await origin.receive() == b"later"
+            await client.send_eof()
+            await origin.send_eof()
+            assert await read_all(origin) == b""
+            assert await read_all(client) == b""
+        assert not held.adopted
+
+    run_case(loop, "linked", case, port=True)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_dialled_origin_keeps_early_bytes_for_the_relay_and_reports_its_address(
+    loop: str,
+) -> None:
+    async def case(client: Any, a: Any, b: Any, origin: Any, port: int) -> None:
+        ev_loop = asyncio.get_running_loop()
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as server:
+            server_port = server.extra(anyio.abc.SocketAttribute.local_port)
+            _, dialled = await dial_protocol(
+                ev_loop, ["127.0.0.1"], server_port, Dialled, timeout=5, label="t:1"
+            )
+            far = await _accept(server)
+            async with far:
+                assert dialled.local_addr == far.extra(anyio.abc.SocketAttribute.remote_address)
+                await far.send(b"banner")  # server-first, before any relay runs
+                await anyio.sleep(0.05)
+                assert not dialled.reading  # paused by its first chunk
+                assert bytes(dialled.buffer) in (b"", b"banner")  # (or it waits in the socket)
+                await client.send(b"hi")
+                async with anyio.create_task_group() as tg:
+                    done: list[tuple[int, int]] = []
+
+                    async def run_relay() -> None:
+                        done.append(await relay_dialled(a, dialled, idle_timeout=10))
+
+                    tg.start_soon(run_relay)
+                    assert await client.receive() == b"banner"
+                    assert await far.receive() == b"hi"
+                    await far.send_eof()
+                    assert await read_all(client) == b""
+                    await client.send_eof()
+                    assert await read_all(far) == b""
+                assert done == [(2, 6)]
+        await assert_closed_in_place(a)
+        assert dialled.transport.is_closing()
+
+    run_case(loop, "linked", case, port=True)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_dial_deadline_is_a_504_and_an_outer_cancel_stays_a_cancel(loop: str) -> None:
+    async def case(client: Any, a: Any, b: Any, origin: Any, port: int) -> None:
+        ev_loop = asyncio.get_running_loop()
+        with pytest.raises(UpstreamError) as caught:
+            await dial_protocol(ev_loop, ["127.0.0.1"], port, Dialled, timeout=1e-9, label="x:1")
+        assert caught.value.status == 504
+        with anyio.CancelScope() as scope:
+            scope.cancel()  # delivered at the dial's first wait
+            _, dialled = await dial_protocol(
+                ev_loop, ["127.0.0.1"], port, Dialled, timeout=60, label="x:1"
+            )
+            dialled.close()  # (not reached)
+        assert scope.cancelled_caught
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0
+
+    run_case(loop, "linked", case, port=True)
+
+
+def test_refused_dial_is_a_502() -> None:
+    async def main() -> None:
+        with anyio.fail_after(10):
+            probe = await anyio.create_tcp_listener(local_host="127.0.0.1")
+            port = probe.extra(anyio.abc.SocketAttribute.local_port)
+            await probe.aclose()  # nothing listens there now
+            with pytest.raises(UpstreamError) as caught:
+                await dial_protocol(
+                    asyncio.get_running_loop(), ["127.0.0.1"], port, Dialled, timeout=5
+                )
+            assert caught.value.status == 502
+            assert f"127.0.0.1:{port}" in str(caught.value)
+
+    anyio.run(main, backend="asyncio")

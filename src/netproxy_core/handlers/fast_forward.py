@@ -9,8 +9,9 @@ both sockets' transports (`net.adopt`), parses heads with the strict h11-subset 
 client's transport (`fast_links`). After the first response, the next request on a kept
 origin connection is served from the callbacks alone when it needs no I/O (`decide_now`).
 
-A simple CONNECT is decided here too; its tunnel then runs on the anyio stream as on the h11
-path (`tunnel.run_tunnel`), with only the `200` written directly.
+A simple CONNECT is decided here too; its tunnel then runs as on the h11 path
+(`tunnel.run_tunnel`), the relay taking the borrowed transport over, with only the `200`
+written directly.
 
 Everything else goes to the h11 path (`HttpSession`), which answers exactly as before:
 - before a decision (a partial or malformed head, a body still arriving, Upgrade, Expect,
@@ -86,16 +87,19 @@ class _Plan:
 
 @dataclass(slots=True)
 class _Tunnel:
-    """A CONNECT the fast path decided; its tunnel runs once the client stream is anyio's again.
+    """A CONNECT the fast path decided, and its tunnel (`run_tunnel`).
 
-    Only the `200` is written here; a refusal or a failed dial is answered by an h11 session
-    that has read the request, exactly as on the h11 path.
+    An allowed CONNECT keeps the client's transport borrowed (`held`): an opaque tunnel's
+    relay takes it over from there, and every other path hands it back to the anyio stream
+    first. Only the `200` is written here; a refusal or a failed dial is answered by an h11
+    session that has read the request, exactly as on the h11 path.
     """
 
     request: SimpleRequest
     target: Connect
     decision: NetworkDecision
     leftover: bytes  # what the client sent after the CONNECT head
+    held: ClientSide  # still holds the client's transport when the CONNECT is allowed
 
     async def run(
         self, ctx: ProxyContext, stream: anyio.abc.ByteStream, client_addr: str | None
@@ -117,6 +121,12 @@ class _Tunnel:
             if not isinstance(outcome, Established):
                 await answering().answer_tunnel(self.target, outcome)
                 return
+            held = self.held
+            if held.adopted:  # run_tunnel has not handed the transport back
+                if held.lost or held.transport.is_closing():
+                    raise ClientGone
+                held.transport.write(established)
+                return
             if write_now(stream, established):
                 return
             try:
@@ -130,7 +140,9 @@ class _Tunnel:
                 return
             host, port = self.target.host, self.target.port
             tunnel = TunnelTarget(host, port, Protocol.HTTPS_CONNECT, client_addr)
-            await run_tunnel(ctx, stream, tunnel, self.decision, reply, leftover=self.leftover)
+            await run_tunnel(
+                ctx, stream, tunnel, self.decision, reply, leftover=self.leftover, held=self.held
+            )
         except ClientGone:
             return
 
@@ -230,7 +242,8 @@ class _FastSession:
                     anyio.move_on_after(self.ctx.limits.idle_timeout),
                 ):
                     await client.drain()
-            client.restore()
+            if not (isinstance(handoff, _Tunnel) and handoff.decision.allowed):
+                client.restore()  # (an allowed tunnel takes the borrowed transport over)
 
     async def _next_request(self, first: bool) -> _Step:
         """What the bytes at the front of the buffer call for, waiting for them if need be."""
@@ -304,7 +317,7 @@ class _FastSession:
         tunnel = TunnelTarget(target.host, target.port, Protocol.HTTPS_CONNECT, self.client_addr)
         check = mitm_unavailable(ctx, target.host)
         decision = await decide(ctx, tunnel.request("CONNECT"), check=check)
-        return _Tunnel(simple, target, decision, client.consume(len(client.buffer)))
+        return _Tunnel(simple, target, decision, client.consume(len(client.buffer)), client)
 
     async def _serve_one(self, plan: _Plan, decision: NetworkDecision | None) -> _Step:
         """Decide (unless decided) and forward one request."""

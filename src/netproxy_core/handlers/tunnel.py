@@ -7,6 +7,7 @@ before the client is answered, so a dead upstream gets its 502/504 (or SOCKS err
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -18,14 +19,16 @@ import anyio.abc
 from ..config.model import Mode
 from ..errors import InvalidHost, UpstreamError
 from ..hosts import canonicalize_host
-from ..net.relay import FirstBytesCheck, relay
+from ..net.adopt import Adopted
+from ..net.dial import asyncio_loop, dial_protocol
+from ..net.relay import Dialled, FirstBytesCheck, linkable, relay, relay_dialled
 from ..net.streams import ReplayStream, peek
 from ..policy.engine import deny
 from ..policy.model import NetworkDecision, NetworkPolicyRequest, Protocol, Reason, Scope, Source
 from ..proto.tls_peek import FirstBytes, classify_first_bytes, parse_client_hello
 from .context import ProxyContext
 from .decide import refuse
-from .origin import open_origin
+from .origin import Direct, open_origin, origin_path
 
 __all__ = [
     "Established",
@@ -44,15 +47,18 @@ MAX_HELLO = 128 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Established:
-    """The tunnel is open. `upstream`: the dialled upstream connection; None when the tunnel is
+    """The tunnel is open. `upstream`: the dialled upstream connection (a stream, or a
+    connection dialled straight into the relay's protocol); None when the tunnel is
     intercepted and dialled per request."""
 
-    upstream: anyio.abc.ByteStream | None = None
+    upstream: anyio.abc.ByteStream | Dialled | None = None
 
     @property
     def local_addr(self) -> tuple[str, int] | None:
         """Our end of the upstream connection (SOCKS reports it as BND.ADDR), looked up only
         when asked (a CONNECT reply does not need it)."""
+        if isinstance(self.upstream, Dialled):
+            return self.upstream.local_addr
         return None if self.upstream is None else _local_address(self.upstream)
 
 
@@ -105,13 +111,24 @@ async def run_tunnel(
     reply: Reply,
     *,
     leftover: bytes = b"",
+    held: Adopted | None = None,
 ) -> None:
-    """Serve one allowed tunnel to its end. Closes `client`."""
+    """Serve one allowed tunnel to its end. Closes `client`.
+
+    `leftover`: bytes the client sent after its request, read already. `held`: a protocol
+    that has borrowed `client`'s transport already (the HTTP fast path's), with any later
+    bytes in its buffer. An opaque tunnel over plain TCP takes the transport over from it
+    for the relay (no second borrow); every other path first hands the transport back to
+    `client` (`held.restore()`), always before `reply` is called with a refusal or a
+    failure. So `reply(Established(...))` may find the transport still borrowed: it then
+    writes through `held.transport`.
+    """
     replay = ReplayStream(client, leftover)
     try:
         if not interception_wanted(ctx, target.host):
-            await _opaque(ctx, replay, target, decision, reply)
+            await _opaque(ctx, replay, target, decision, reply, held)
             return
+        _give_back(held)
         if ctx.intercept is None and interception_required(ctx, target.host):
             await reply(refuse(ctx, target.request(), Reason.MITM_REQUIRED))
             return
@@ -144,8 +161,15 @@ async def run_tunnel(
         )
     finally:
         if not replay.closed:  # the relay closes both ends itself
+            _give_back(held)
             with anyio.CancelScope(shield=True):
                 await replay.aclose()
+
+
+def _give_back(held: Adopted | None) -> None:
+    """The client's transport goes back to its anyio stream (no-op when it is there)."""
+    if held is not None:
+        held.restore()
 
 
 async def _opaque(
@@ -154,10 +178,17 @@ async def _opaque(
     target: TunnelTarget,
     decision: NetworkDecision,
     reply: Reply,
+    held: Adopted | None,
 ) -> None:
+    path = origin_path(ctx, target.host, target.port, decision, secure=True)
+    loop = asyncio_loop()
+    if isinstance(path, Direct) and loop is not None and linkable(replay, held):
+        await _opaque_dialled(ctx, loop, replay, target, path, reply, held)
+        return
     try:
         origin = await open_origin(ctx, target.host, target.port, decision, tunnel=True)
     except UpstreamError as exc:
+        _give_back(held)
         await reply(exc)
         return
     try:
@@ -175,6 +206,46 @@ async def _opaque(
         idle_timeout=ctx.limits.idle_timeout,
         first_bytes=_sni_check(ctx, target),
         first_bytes_timeout=ctx.limits.handshake_timeout,
+        held=held,
+    )
+
+
+async def _opaque_dialled(
+    ctx: ProxyContext,
+    loop: asyncio.AbstractEventLoop,
+    replay: ReplayStream,
+    target: TunnelTarget,
+    path: Direct,
+    reply: Reply,
+    held: Adopted | None,
+) -> None:
+    """`_opaque` for a plain TCP client and a direct origin: the origin is dialled straight
+    into the linked relay's protocol (`Dialled`), with no anyio stream to build and borrow."""
+    try:
+        _, origin = await dial_protocol(
+            loop,
+            path.addresses,
+            path.port,
+            Dialled,
+            timeout=ctx.limits.connect_timeout,
+            label=path.label,
+        )
+    except UpstreamError as exc:
+        _give_back(held)
+        await reply(exc)
+        return
+    try:
+        await reply(Established(origin))
+    except BaseException:
+        origin.close()
+        raise
+    await relay_dialled(
+        replay,
+        origin,
+        idle_timeout=ctx.limits.idle_timeout,
+        first_bytes=_sni_check(ctx, target),
+        first_bytes_timeout=ctx.limits.handshake_timeout,
+        held=held,
     )
 
 

@@ -6,15 +6,22 @@ callback that writes straight to the other transport; a full send buffer (`adopt
 reading on the other side; end of input is passed on as a half-close; one timer per event loop
 keeps every link's idle clock (`_IdleClock`). An idle tunnel costs two small protocol objects
 and the caller's waiting task — no task per direction, no watchdog. anyio's read queue and
-events are dropped while a transport is borrowed and rebuilt when it is handed back.
+events are dropped while a transport is borrowed and rebuilt when it is handed back — or,
+when the relay closes its streams anyway (`close=True`), never rebuilt: the streams are
+closed in place.
+
+A transport another `Adopted` protocol holds already (the fast path's client) is taken over
+from it (`held`) rather than handed back to anyio and borrowed again; so is an outbound
+connection dialled straight into a `Dialled` protocol (`held_b`: no anyio stream at all).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final, cast
 
 import anyio
 import anyio.abc
@@ -23,7 +30,12 @@ from .adopt import Adopted
 from .splice import AVAILABLE as _SPLICE
 from .splice import SPLICE_AFTER, splice_until_eof
 
-__all__ = ["FirstBytesCheck", "run_linked"]
+try:  # anyio's asyncio stream protocol (private API, as in `adopt`)
+    from anyio._backends._asyncio import StreamProtocol as _AnyioProtocol
+except ImportError:  # pragma: no cover - another anyio layout: streams are handed back
+    _AnyioProtocol = None  # type: ignore[assignment,misc]
+
+__all__ = ["Dialled", "FirstBytesCheck", "run_linked"]
 _NO_DIRECTION = 2
 
 # Sans-IO check of the first bytes of the a→b direction: called with every byte a sent so far
@@ -40,12 +52,22 @@ async def run_linked(
     idle_timeout: float,
     check: FirstBytesCheck | None,
     check_timeout: float,
+    held: Adopted | None = None,
+    held_b: Dialled | None = None,
+    close: bool = False,
 ) -> tuple[int, int]:
-    """Relay between two `adopt.adoptable` streams until done; hands both transports back to their
-    streams (the caller closes them). `prefix`: bytes read from `a` already."""
+    """Relay between two `adopt.adoptable` streams until done. `prefix`: bytes read from `a`
+    already; `held`: the protocol that has borrowed `a`'s transport already (taken over, its
+    unread bytes after `prefix`); `held_b`: `b` is a `Dialled` connection (`b` = its
+    `stream`; needs `close`).
+
+    On return both transports are handed back to their streams (the caller closes them), or
+    with `close` both streams are closed (even if this raises).
+    """
+    assert held_b is None or (close and held_b.stream is b)
     link = _Link(a, b, idle_timeout, check, check_timeout)
     try:
-        link.start(prefix)
+        link.start(prefix, held, held_b)
         while not link.finished:  # callbacks do the work; this task waits (or splices)
             if link.splice_dir is not None and not link.spliced:
                 link.spliced = True
@@ -54,7 +76,7 @@ async def run_linked(
                 link.waiter = link.loop.create_future()
                 await link.waiter
     finally:
-        link.release()
+        link.release(close)
     return link.counts[0], link.counts[1]
 
 
@@ -75,8 +97,38 @@ class _End(Adopted):
         self.buffer.clear()
         return pending
 
-    def give_back(self) -> None:
-        self.restore()
+    def take_over(self, held: Adopted) -> bytes:
+        """Take the transport from `held`, which borrowed it from the same stream already;
+        returns `held`'s unread bytes (`held.restore()` then has nothing to do)."""
+        assert held.stream is self.stream and held.adopted
+        self.saved, held.saved = held.saved, None
+        self.eof, self.lost, self.error = held.eof, held.lost, held.error
+        self.write_paused, self.reading = held.write_paused, held.reading
+        pending = bytes(held.buffer)
+        held.buffer.clear()
+        self.transport.set_protocol(self)
+        return pending
+
+    def give_back(self, close: bool) -> None:
+        """Hand the transport back to its stream, or (`close`) close both in place."""
+        if not close or _CLOSED is None:
+            self.restore()
+            if close:
+                self.stream._closed = True
+                self.transport.abort()
+            return
+        if self.saved is None:  # not borrowed: an ordinary close
+            self.stream._closed = True
+            self.transport.abort()
+            return
+        # No rebuilding anyio's queue and events only to close: the stream gets a closed
+        # stand-in protocol (its calls raise ClosedResourceError), the transport is aborted as
+        # anyio's `aclose` would (its `connection_lost` comes to this protocol, and is ignored).
+        self.saved = None
+        self.reading = False
+        self.stream._protocol = _CLOSED
+        self.stream._closed = True
+        self.transport.abort()
 
     def fd(self) -> int:
         return int(self.transport.get_extra_info("socket").fileno())
@@ -152,9 +204,14 @@ class _Link:
         self.splice_dir: int | None = None  # the direction moved by splice(2), once per relay
         self.spliced = False
 
-    def start(self, prefix: bytes) -> None:
-        """Borrow both transports and take in what was read before."""
-        pending = (prefix + self.ends[0].borrow(), self.ends[1].borrow())
+    def start(
+        self, prefix: bytes, held: Adopted | None = None, held_b: Adopted | None = None
+    ) -> None:
+        """Borrow both transports (or take them over from `held`, `held_b`) and take in what
+        was read before."""
+        first = self.ends[0].borrow() if held is None else self.ends[0].take_over(held)
+        second = self.ends[1].borrow() if held_b is None else self.ends[1].take_over(held_b)
+        pending = (prefix + first, second)
         if math.isfinite(self.idle_timeout):
             _IdleClock.watch(self)
         for index in (0, 1):
@@ -162,13 +219,16 @@ class _Link:
                 self.received(index, pending[index])
             if self.ends[index].eof and not self.finished:
                 self.ended(index)
+        if self.ends[0].lost or self.ends[1].lost:  # lost while held: as `connection_lost`
+            self.finish()
         self.update_reading()
 
-    def release(self) -> None:
-        """Stop (if not already) and hand both transports back to their anyio streams."""
+    def release(self, close: bool = False) -> None:
+        """Stop (if not already) and hand both transports back to their anyio streams, or
+        (`close`) close both streams."""
         self.finish()
         for end in self.ends:
-            end.give_back()
+            end.give_back(close)
 
     def finish(self) -> None:
         if self.finished:
@@ -373,3 +433,69 @@ _clocks: dict[asyncio.AbstractEventLoop, _IdleClock] = {}
 
 def _tick(idle_timeout: float) -> float:
     return min(1.0, max(0.01, idle_timeout / 8))
+
+
+class Dialled(Adopted):
+    """An outbound TCP connection dialled straight into this protocol (`dial.dial_protocol`),
+    with no anyio stream: it holds what arrives until `run_linked(..., held_b=)` takes it
+    over; `close` it if nothing does. It reads until its first chunk arrives, then pauses
+    (the rest waits in the socket): no pause and resume for the usual silent origin."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        pass  # set up by `connection_made` (a failed dial never gets that far)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        Adopted.__init__(self, cast(Any, _Bare(transport)))
+        self.saved = _HELD  # borrowed from no one: what a link takes over
+        self.reading = True  # a new transport reads (uvloop starts it after this call)
+
+    def data_received(self, data: bytes) -> None:  # (a link's protocol reads once it took over)
+        self.buffer += data
+        self.set_reading(False)
+
+    @property
+    def local_addr(self) -> tuple[str, int] | None:
+        """Our end of the connection (SOCKS reports it as BND.ADDR)."""
+        address = self.transport.get_extra_info("sockname")
+        if isinstance(address, tuple) and len(address) >= 2:
+            return str(address[0]), int(address[1])
+        return None
+
+    def close(self) -> None:
+        self.saved = None
+        if not self.stream._closed:
+            self.stream._closed = True
+            self.transport.abort()
+
+
+class _Bare:
+    """What a `Dialled` protocol has for a stream: its transport and a closed flag."""
+
+    __slots__ = ("_closed", "_protocol", "_transport")
+
+    def __init__(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._protocol: Any = None
+        self._closed = False
+
+
+_HELD: Final = object()
+
+
+def _closed_protocol() -> Any:
+    """A stand-in protocol for an anyio stream closed in place: empty, at rest, never attached
+    to a transport (so shared): `receive` and `send` find the stream closed."""
+    if _AnyioProtocol is None:  # pragma: no cover
+        return None
+    protocol = _AnyioProtocol()
+    protocol.read_queue = deque()
+    protocol.read_event = asyncio.Event()
+    protocol.read_event.set()
+    protocol.write_event = asyncio.Event()
+    protocol.write_event.set()
+    return protocol
+
+
+_CLOSED = _closed_protocol()

@@ -22,13 +22,13 @@ import time
 import anyio
 import anyio.abc
 
-from .adopt import adoptable, close_now
-from .link import FirstBytesCheck, run_linked
+from .adopt import Adopted, adoptable, close_now
+from .link import Dialled, FirstBytesCheck, run_linked
 from .splice import AVAILABLE as _SPLICE
 from .splice import SPLICE_AFTER, splice_until_eof
 from .streams import ReplayStream
 
-__all__ = ["FirstBytesCheck", "relay"]
+__all__ = ["Dialled", "FirstBytesCheck", "linkable", "relay", "relay_dialled"]
 
 CHUNK = 256 * 1024
 _CLOSED = (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError)
@@ -41,6 +41,7 @@ async def relay(
     idle_timeout: float,
     first_bytes: FirstBytesCheck | None = None,
     first_bytes_timeout: float = 10.0,
+    held: Adopted | None = None,
 ) -> tuple[int, int]:
     """Copy a→b and b→a until both directions end, one breaks, or nothing moves for
     `idle_timeout` seconds. Both streams are closed on return.
@@ -50,12 +51,24 @@ async def relay(
             flows meanwhile); a refusal ends the relay.
         first_bytes_timeout: how long after a's first byte `first_bytes` may keep asking for
             more before it is asked to decide.
+        held: a protocol that has borrowed a's transport already (`a` is its stream, or a
+            `ReplayStream` over it): the linked engine takes the transport over from it; for
+            the pumps it is handed back to the stream first.
 
     Returns:
         bytes copied (a→b, b→a).
     """
     inner = a.inner if isinstance(a, ReplayStream) else a
-    if adoptable(inner) and adoptable(b) and inner is not b:
+    if held is not None and held.adopted:
+        assert held.stream is inner
+        linked = _live(held) and adoptable(b) and inner is not b
+        if not linked:
+            held.restore()
+            held = None
+    else:
+        held = None
+        linked = adoptable(inner) and adoptable(b) and inner is not b
+    if linked:
         prefix = a.take_pending() if isinstance(a, ReplayStream) else b""
         try:
             return await run_linked(
@@ -65,6 +78,8 @@ async def relay(
                 idle_timeout=idle_timeout,
                 check=first_bytes,
                 check_timeout=first_bytes_timeout,
+                held=held,
+                close=True,
             )
         finally:
             if isinstance(a, ReplayStream):
@@ -74,6 +89,55 @@ async def relay(
     return await _pump_relay(
         a, b, idle_timeout=idle_timeout, check=first_bytes, check_timeout=first_bytes_timeout
     )
+
+
+def linkable(a: anyio.abc.ByteStream, held: Adopted | None = None) -> bool:
+    """`relay_dialled` can take `a` (see `relay` for `held`)."""
+    inner = a.inner if isinstance(a, ReplayStream) else a
+    if held is not None and held.adopted:
+        return _live(held)
+    return adoptable(inner)
+
+
+async def relay_dialled(
+    a: anyio.abc.ByteStream,
+    b: Dialled,
+    *,
+    idle_timeout: float,
+    first_bytes: FirstBytesCheck | None = None,
+    first_bytes_timeout: float = 10.0,
+    held: Adopted | None = None,
+) -> tuple[int, int]:
+    """`relay` to a connection dialled straight into a `Dialled` protocol (linked engine only:
+    `a` must be `linkable`). Both are closed on return."""
+    inner = a.inner if isinstance(a, ReplayStream) else a
+    prefix = a.take_pending() if isinstance(a, ReplayStream) else b""
+    if held is not None and not held.adopted:
+        held = None
+    try:
+        if not linkable(a, held):  # the client closed or broke meanwhile: nothing to relay
+            return 0, 0
+        return await run_linked(
+            inner,
+            b.stream,
+            prefix,
+            idle_timeout=idle_timeout,
+            check=first_bytes,
+            check_timeout=first_bytes_timeout,
+            held=held,
+            held_b=b,
+            close=True,
+        )
+    finally:
+        if isinstance(a, ReplayStream):
+            a.mark_closed()
+        close_now(inner)
+        b.close()
+
+
+def _live(held: Adopted) -> bool:
+    """A borrowed transport still open (a lost one goes back to its stream: the pumps end it)."""
+    return not held.lost and not held.transport.is_closing()
 
 
 # --- pumps (any stream) -----------------------------------------------------------------------
