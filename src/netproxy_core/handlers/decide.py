@@ -157,6 +157,8 @@ def _evaluation(
         return NetworkDecision(
             Decision.ALLOW, Reason.NOT_ALLOWED, Source.DECIDER, override=True, addresses=addresses
         ), host
+    if verdict.allow is not None:  # no lookup was needed: the verdict's own allow
+        return verdict.allow, host
     return NetworkDecision(
         Decision.ALLOW, Reason.ALLOW, Source.BASELINE_POLICY, addresses=addresses
     ), host

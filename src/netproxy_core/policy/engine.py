@@ -117,6 +117,9 @@ class HostVerdict:
     needs_decider: bool = False
     needs_resolution: bool = False
     addresses: tuple[IPAddress, ...] = ()
+    # The baseline allow for these `addresses` when nothing is left to check (no lookup, no
+    # decider): made once per cached verdict instead of once per request.
+    allow: NetworkDecision | None = field(default=None, compare=False)
 
 
 def deny(
@@ -166,15 +169,22 @@ def _check_host(rules: Rules, raw_host: str, port: int, approved: bool) -> HostV
     if not rules.allow_local_binding and is_local_literal(host):
         if not rules.allow.names_exactly(host):
             return HostVerdict(host, reason=Reason.NOT_ALLOWED_LOCAL)
-        return HostVerdict(host, addresses=() if routed else _literal_addresses(host))
+        addresses = () if routed else _literal_addresses(host)
+        return HostVerdict(host, addresses=addresses, allow=_baseline_allow(addresses))
     if not (approved or rules.allow.matches(host)):
         return HostVerdict(host, reason=Reason.NOT_ALLOWED, needs_decider=True)
     if routed:
-        return HostVerdict(host)
+        return HostVerdict(host, allow=_baseline_allow(()))
     literal = _literal_addresses(host)
     if literal:
-        return HostVerdict(host, addresses=literal)
+        return HostVerdict(host, addresses=literal, allow=_baseline_allow(literal))
     return HostVerdict(host, needs_resolution=True)
+
+
+def _baseline_allow(addresses: tuple[IPAddress, ...]) -> NetworkDecision:
+    return NetworkDecision(
+        Decision.ALLOW, Reason.ALLOW, Source.BASELINE_POLICY, addresses=addresses
+    )
 
 
 def _literal_addresses(host: str) -> tuple[IPAddress, ...]:
