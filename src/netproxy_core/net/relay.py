@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -69,23 +70,7 @@ async def relay(
         held = None
         linked = adoptable(inner) and adoptable(b) and inner is not b
     if linked:
-        prefix = a.take_pending() if isinstance(a, ReplayStream) else b""
-        try:
-            return await run_linked(
-                inner,
-                b,
-                prefix,
-                idle_timeout=idle_timeout,
-                check=first_bytes,
-                check_timeout=first_bytes_timeout,
-                held=held,
-                close=True,
-            )
-        finally:
-            if isinstance(a, ReplayStream):
-                a.mark_closed()
-            close_now(inner)
-            close_now(b)
+        return await _linked(a, b, held, idle_timeout, first_bytes, first_bytes_timeout)
     return await _pump_relay(
         a, b, idle_timeout=idle_timeout, check=first_bytes, check_timeout=first_bytes_timeout
     )
@@ -110,29 +95,49 @@ async def relay_dialled(
 ) -> tuple[int, int]:
     """`relay` to a connection dialled straight into a `Dialled` protocol (linked engine only:
     `a` must be `linkable`). Both are closed on return."""
-    inner = a.inner if isinstance(a, ReplayStream) else a
-    prefix = a.take_pending() if isinstance(a, ReplayStream) else b""
     if held is not None and not held.adopted:
         held = None
+    live = linkable(a, held)  # False: the client closed or broke meanwhile, nothing to relay
+    return await _linked(a, b, held, idle_timeout, first_bytes, first_bytes_timeout, live=live)
+
+
+async def _linked(
+    a: anyio.abc.ByteStream,
+    b: anyio.abc.ByteStream | Dialled,
+    held: Adopted | None,
+    idle_timeout: float,
+    first_bytes: FirstBytesCheck | None,
+    first_bytes_timeout: float,
+    *,
+    live: bool = True,
+) -> tuple[int, int]:
+    """The linked engine for `relay` and `relay_dialled`; both ends are closed on return."""
+    inner = a.inner if isinstance(a, ReplayStream) else a
+    prefix = a.take_pending() if isinstance(a, ReplayStream) else b""
+    dialled = b if isinstance(b, Dialled) else None
+    stream: Any = b.stream if isinstance(b, Dialled) else b
     try:
-        if not linkable(a, held):  # the client closed or broke meanwhile: nothing to relay
+        if not live:
             return 0, 0
         return await run_linked(
             inner,
-            b.stream,
+            stream,
             prefix,
             idle_timeout=idle_timeout,
             check=first_bytes,
             check_timeout=first_bytes_timeout,
             held=held,
-            held_b=b,
+            held_b=dialled,
             close=True,
         )
     finally:
         if isinstance(a, ReplayStream):
             a.mark_closed()
         close_now(inner)
-        b.close()
+        if isinstance(b, Dialled):
+            b.close()
+        else:
+            close_now(b)
 
 
 def _live(held: Adopted) -> bool:
