@@ -26,6 +26,7 @@ from netproxy_core.proto.h1_fast import (
     parse_response_head,
     serialize_request,
     serialize_response_head,
+    simple_response,
 )
 from netproxy_core.proto.http_head import strip_hop_by_hop
 
@@ -575,3 +576,49 @@ def test_arbitrary_bytes_never_parse_to_something_h11_reads_otherwise(data: byte
     result = _h11_request(data[:end])
     assert isinstance(result.event, h11.Request), result.error
     assert head.headers == list(result.event.headers)
+
+
+@pytest.mark.parametrize(
+    ("head", "bodiless", "close", "expected"),
+    [
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nKeep-Alive: timeout=5\r\n"
+            b"Connection: X-Hop\r\nX-Hop: 1\r\nX-Kept: 2\r\n\r\n",
+            False,
+            False,
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-kept: 2\r\n\r\n", 5, True),
+            id="hop-by-hop-stripped",
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n",
+            False,
+            True,
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nConnection: close\r\n\r\n", 2, False),
+            id="origin-closes-client-closes",
+        ),
+        pytest.param(
+            b"HTTP/1.0 200 OK\r\nContent-Length: 7\r\n\r\n",
+            True,
+            False,
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n", 0, False),
+            id="head-answer-from-http10",
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            False,
+            False,
+            None,
+            id="chunked-is-h11s",
+        ),
+        pytest.param(b"HTTP/1.1 103 Early Hints\r\n\r\n", False, False, None, id="1xx"),
+    ],
+)
+def test_simple_response(
+    head: bytes, bodiless: bool, close: bool, expected: tuple[bytes, int, bool] | None
+) -> None:
+    """The head sent on, the body length and whether the origin keeps the connection."""
+    end = find_head_end(head)
+    assert end == len(head)
+    response = simple_response(head + b"body...", end, bodiless=bodiless, limit=8192, close=close)
+    got = None if response is None else (response.head, response.length, response.keep_alive)
+    assert got == expected

@@ -16,14 +16,7 @@ from typing import Final
 import anyio.abc
 
 from ..net.adopt import Adopted
-from ..proto.h1_fast import (
-    find_head_end,
-    keep_alive,
-    parse_response_head,
-    serialize_response_head,
-    simple_response_length,
-)
-from ..proto.http_head import strip_hop_by_hop
+from ..proto.h1_fast import find_head_end, simple_response
 from .origin import Origin
 from .origin_pool import OriginPool
 
@@ -188,22 +181,19 @@ class OriginLink(Adopted):
             if len(self.buffer) > self.limit:
                 self.finish(Outcome.FALLBACK)
             return
-        head = parse_response_head(bytes(self.buffer[:end]))
-        length = simple_response_length(head, bodiless=self.bodiless, limit=self.limit)
-        if head is None or length is None:
+        response = simple_response(
+            self.buffer, end, bodiless=self.bodiless, limit=self.limit, close=self.close_client
+        )
+        if response is None:
             self.finish(Outcome.FALLBACK)
             return
-        if not keep_alive(head.version, head.headers):
+        length = response.length
+        if not response.keep_alive or len(self.buffer) > end + length:
             self.reusable = False
-        out = serialize_response_head(
-            head.status, head.reason, strip_hop_by_hop(head.headers), close=self.close_client
-        )
         body = bytes(self.buffer[end : end + length])
-        if len(self.buffer) > end + length:
-            self.reusable = False
         self.buffer.clear()
         self.started = True
-        client.transport.write(out + body)
+        client.transport.write(response.head + body)
         self.remaining = length - len(body)
         if self.remaining:
             self.in_body = True

@@ -3,7 +3,7 @@
 Most intercepted requests are simple: an origin-form request whose head arrives whole, naming
 the tunnel host, with no body or a small one, answered with a `Content-Length` response.
 `InnerFastPath` serves those without h11, with the same judgement of "simple" as the plain
-fast path (`proto.h1_fast.simple_request` / `simple_response_length`): the request gets its
+fast path (`proto.h1_fast.simple_request` / `simple_response`): the request gets its
 one policy decision through the same `decide()` with the same MITM hook check, the hook and
 broker rewrite the headers as on the h11 path, and request and response go through in one
 write each.
@@ -39,12 +39,9 @@ from ..policy.model import NetworkDecision, NetworkPolicyRequest, Protocol
 from ..proto.h1_fast import (
     SimpleRequest,
     find_head_end,
-    keep_alive,
-    parse_response_head,
     serialize_request,
-    serialize_response_head,
     simple_request,
-    simple_response_length,
+    simple_response,
 )
 from ..proto.http_head import Forward, classify, strip_hop_by_hop
 from .context import ProxyContext
@@ -323,17 +320,18 @@ class InnerFastPath:
                     raise _Fallback(bytes(received))
                 received += data
                 end = find_head_end(received)
-        head = parse_response_head(bytes(received[:end]))
-        bodiless = simple.head.method == b"HEAD"
-        length = simple_response_length(head, bodiless=bodiless, limit=limit)
-        if head is None or length is None:
+        response = simple_response(
+            received,
+            end,
+            bodiless=simple.head.method == b"HEAD",
+            limit=limit,
+            close=not simple.keep_alive,
+        )
+        if response is None:
             raise _Fallback(bytes(received))
-        self._origin_reusable = keep_alive(head.version, head.headers)
-        if len(received) > end + length:
-            self._origin_reusable = False
-        pending = serialize_response_head(
-            head.status, head.reason, strip_hop_by_hop(head.headers), close=not simple.keep_alive
-        ) + bytes(received[end : end + length])
+        length = response.length
+        self._origin_reusable = response.keep_alive and len(received) <= end + length
+        pending = response.head + bytes(received[end : end + length])
         remaining = end + length - len(received)
         while remaining > 0:
             if len(pending) >= READ_SIZE:
@@ -626,22 +624,22 @@ class _Callbacks:
             if len(received) > self.limit or origin.ended:
                 self._fallback()  # h11 reports an early close or an odd head as before
             return
-        head = parse_response_head(bytes(received[:end]))
-        length = simple_response_length(head, bodiless=self.bodiless, limit=self.limit)
-        if head is None or length is None:
-            self._fallback()
-            return
-        self.keep = keep_alive(head.version, head.headers) and len(received) <= end + length
-        out = serialize_response_head(
-            head.status,
-            head.reason,
-            strip_hop_by_hop(head.headers),
+        response = simple_response(
+            received,
+            end,
+            bodiless=self.bodiless,
+            limit=self.limit,
             close=not plan.request.keep_alive,
         )
+        if response is None:
+            self._fallback()
+            return
+        length = response.length
+        self.keep = response.keep_alive and len(received) <= end + length
         body = bytes(received[end : end + length])
         self.received = bytearray()
         self.remaining = length - len(body)
-        if not self._to_client(out + body):
+        if not self._to_client(response.head + body):
             return
         if self.remaining:
             self.state = _BODY

@@ -17,13 +17,14 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from .http_head import UNIX_SOCKET_HEADER, Headers, head_size, oversize_request
+from .http_head import UNIX_SOCKET_HEADER, Headers, head_size, oversize_request, strip_hop_by_hop
 
 __all__ = [
     "MAX_BODY",
     "RequestHead",
     "ResponseHead",
     "SimpleRequest",
+    "SimpleResponse",
     "body_length",
     "find_head_end",
     "keep_alive",
@@ -32,6 +33,7 @@ __all__ = [
     "serialize_request",
     "serialize_response_head",
     "simple_request",
+    "simple_response",
     "simple_response_length",
 ]
 
@@ -176,6 +178,30 @@ def simple_request(
         return None  # normalised fields can be a byte longer each than on the wire
     raw = bytes(data[: end + length])
     return SimpleRequest(head, host, raw, raw[end:], keep_alive(head.version, head.headers))
+
+
+@dataclass(slots=True)
+class SimpleResponse:
+    """A response a fast path relays itself: the head to send on and its body's length."""
+
+    head: bytes  # as h11 writes it: hop-by-hop fields gone, `Connection: close` if asked
+    length: int  # body bytes that follow the origin's head
+    keep_alive: bool  # the origin keeps the connection open after this response
+
+
+def simple_response(
+    data: bytes | bytearray, end: int, *, bodiless: bool, limit: int, close: bool
+) -> SimpleResponse | None:
+    """The response whose head is `data[:end]`, if a fast path may relay it; None leaves it
+    to h11 (see `simple_response_length`). `close`: the client connection ends after it."""
+    head = parse_response_head(bytes(data[:end]))
+    length = simple_response_length(head, bodiless=bodiless, limit=limit)
+    if head is None or length is None:
+        return None
+    out = serialize_response_head(
+        head.status, head.reason, strip_hop_by_hop(head.headers), close=close
+    )
+    return SimpleResponse(out, length, keep_alive(head.version, head.headers))
 
 
 def simple_response_length(head: ResponseHead | None, *, bodiless: bool, limit: int) -> int | None:
