@@ -341,14 +341,11 @@ def run(args: argparse.Namespace) -> int:
             peers.stop(p.proc)
 
         print("== SOCKS5")
-
-        def fetch(open_socket: Callable[[], socket.socket]) -> float:
-            return best(args.rounds, functools.partial(_download, open_socket, big))
-
         fig = f"SOCKS5 {BIG >> 20} MiB download"
-        res.measure(
-            fig, "MB/s", True, "direct", lambda: fetch(lambda: socket.create_connection(origin))
-        )
+        socks_openers: dict[str, Callable[[], socket.socket]] = {
+            "direct": functools.partial(socket.create_connection, origin)
+        }
+        socks_proxies: list[Proxy] = []
         for name in live:
             if name in ("proxy.py", "tinyproxy"):
                 res.put(fig, "MB/s", True, name, "n/a: no SOCKS5 server")
@@ -359,15 +356,18 @@ def run(args: argparse.Namespace) -> int:
                 res.put(fig, "MB/s", True, name, f"n/a: {exc}")
                 continue
             assert p.socks is not None
+            socks_proxies.append(p)
             host, port = (HOST, 80) if p.named else ("127.0.0.1", http)
-            s = p.socks
-            res.measure(
-                fig,
-                "MB/s",
-                True,
-                name,
-                lambda s=s, h=host, n=port: fetch(lambda: loadgen.socks_tunnel(s, h, n)),
-            )
+            socks_openers[name] = functools.partial(loadgen.socks_tunnel, p.socks, host, port)
+        interleaved(
+            res,
+            fig,
+            "MB/s",
+            max,
+            args.rounds,
+            {col: functools.partial(_download, o, big) for col, o in socks_openers.items()},
+        )
+        for p in socks_proxies:
             peers.stop(p.proc)
 
         print("== MITM HTTPS")
@@ -388,10 +388,6 @@ def _median(values: Iterable[float]) -> float:
 
 def _download(open_socket: Callable[[], socket.socket], path: str) -> float:
     return loadgen.download(open_socket(), path, HOST, BIG)
-
-
-def best(rounds: int, fn: Callable[[], float]) -> float:
-    return max(fn() for _ in range(rounds))
 
 
 def interleaved(
