@@ -1,9 +1,14 @@
 """Audit events and blocked records (SPEC §10).
 
-`AuditBus.emit` is called exactly once per policy evaluation (by `handlers/decide.py`). It
+`AuditBus.record` is called exactly once per policy evaluation (by `handlers/decide.py`). It
 logs to the ``netproxy.audit`` logger, keeps the last 10,000 events in a ring, appends JSON
 lines to `audit_log`, records refusals in the blocked ring (200) and hands the event to every
 registered sink.
+
+When nobody would see an allow at once (no sink, no audit log, the logger below INFO: `serve`
+on its own), the ring keeps the evaluation's parts and its time instead, and the event is built
+when the ring is read. That is most of an allowed request's audit cost on the hot path; what a
+reader gets is the same event.
 
 Sinks never stall or break request handling: by default each sink runs on its own thread
 behind a bounded queue (`SinkDispatcher`), in emission order; a sink that raises is logged and
@@ -28,7 +33,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import IO, Any, Final
+from typing import IO, Any, Final, cast
 
 from .errors import ConfigError
 from .policy.model import Decision, NetworkDecision, NetworkPolicyRequest, Scope
@@ -131,6 +136,8 @@ class BlockedRecord:
 
 
 EventSink = Callable[[PolicyDecisionEvent], None]
+# An allow no one watched as it happened: (request, decision, host, time.time()).
+_Deferred = tuple[NetworkPolicyRequest, NetworkDecision, str, float]
 
 
 class AuditBus:
@@ -139,7 +146,10 @@ class AuditBus:
     def __init__(
         self, *, audit_log: str | None = None, extra: Mapping[str, str] | None = None
     ) -> None:
-        self._ring: collections.deque[PolicyDecisionEvent] = collections.deque(maxlen=RING_SIZE)
+        self._ring: collections.deque[PolicyDecisionEvent | _Deferred] = collections.deque(
+            maxlen=RING_SIZE
+        )
+        self._deferred = False  # the ring may hold a `_Deferred`
         self._blocked: collections.deque[BlockedRecord] = collections.deque(
             maxlen=BLOCKED_RING_SIZE
         )
@@ -201,24 +211,39 @@ class AuditBus:
         *,
         mode: str,
         host: str | None = None,
+    ) -> None:
+        """Emit the event for one evaluation (built later if only the ring would see it)."""
+        now = time.time()
+        host = request.host if host is None else host
+        if decision.decision is Decision.ALLOW and not self._watched():
+            with self._lock:
+                self._ring.append((request, decision, host, now))
+                self._deferred = True
+                self.emitted += 1
+            return
+        self.emit(self._event(request, decision, host, now), mode=mode)
+
+    def _watched(self) -> bool:
+        """Someone sees each event as it is emitted (a sink, the audit log, the logger)."""
+        return bool(self._sinks) or self._file is not None or log.isEnabledFor(logging.INFO)
+
+    def _event(
+        self, request: NetworkPolicyRequest, decision: NetworkDecision, host: str, when: float
     ) -> PolicyDecisionEvent:
-        """Build the event for one evaluation and emit it."""
-        event = PolicyDecisionEvent(
+        return PolicyDecisionEvent(
             scope=str(decision.scope if decision.scope else Scope.DOMAIN),
             decision=str(decision.decision),
             source=str(decision.source),
             reason=str(decision.reason),
             protocol=str(request.protocol),
-            host=host if host is not None else request.host,
+            host=host,
             port=request.port,
             method=request.method,
             client=request.client_addr,
             override=decision.override,
-            timestamp=datetime.now(UTC),
+            timestamp=datetime.fromtimestamp(when, UTC),
             extra=self.extra,
         )
-        self.emit(event, mode=mode)
-        return event
 
     def emit(self, event: PolicyDecisionEvent, *, mode: str = "full") -> None:
         with self._lock:
@@ -258,15 +283,26 @@ class AuditBus:
 
     def events(self) -> list[PolicyDecisionEvent]:
         with self._lock:
-            return list(self._ring)
+            return self._held()
 
     def events_since(self, since: int) -> tuple[list[PolicyDecisionEvent], int]:
         """Events after the first `since` emitted (as far as the ring holds), and the count."""
         with self._lock:
-            held = len(self._ring)
-            first_held = self.emitted - held
+            held = self._held()
+            first_held = self.emitted - len(held)
             skip = max(0, since - first_held)
-            return list(self._ring)[skip:], self.emitted
+            return held[skip:], self.emitted
+
+    def _held(self) -> list[PolicyDecisionEvent]:
+        """The ring's events, oldest first, building the deferred ones once (lock held)."""
+        if self._deferred:
+            events = [
+                e if isinstance(e, PolicyDecisionEvent) else self._event(*e) for e in self._ring
+            ]
+            self._ring = collections.deque(events, maxlen=RING_SIZE)
+            self._deferred = False
+            return events
+        return cast("list[PolicyDecisionEvent]", list(self._ring))  # nothing deferred
 
     def blocked(self, *, drain: bool = False) -> list[BlockedRecord]:
         with self._lock:
@@ -278,6 +314,7 @@ class AuditBus:
     def clear(self) -> None:
         with self._lock:
             self._ring.clear()
+            self._deferred = False
             self._blocked.clear()
 
     def close(self, timeout: float = 5.0) -> None:

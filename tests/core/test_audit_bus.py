@@ -72,11 +72,12 @@ def test_event_fields_exactly(
     method: str | None, client: str | None, expected_method: str, expected_client: str
 ) -> None:
     bus = AuditBus()
-    event = bus.record(
+    bus.record(
         NetworkPolicyRequest(Protocol.HTTPS_CONNECT, "x.example.test", 443, method, client),
         DENY,
         mode="full",
     )
+    [event] = bus.events()
     data = event.to_dict()
     assert set(data) == REQUIRED
     assert data["event.name"] == "netproxy.policy_decision"
@@ -111,7 +112,8 @@ def test_only_the_four_optional_fields_pass() -> None:
             "path": "/p",
         }
     )
-    data = bus.record(_request(), ALLOW, mode="full").to_dict()
+    bus.record(_request(), ALLOW, mode="full")
+    data = bus.events()[-1].to_dict()
     assert set(data) == REQUIRED | OPTIONAL
     assert data["netproxy.test_id"] == "t::1"
     # even an event built by hand cannot smuggle other keys into to_dict()
@@ -138,6 +140,52 @@ def test_ring_keeps_last_10000_and_events_since() -> None:
     assert bus.events_since(0)[0] == events  # older than the ring: what it still holds
     assert bus.events_since(nxt) == ([], nxt)
     assert bus.events_since(nxt + 100) == ([], nxt)
+
+
+def test_unwatched_allows_read_back_as_watched_ones() -> None:
+    """With no sink, file or INFO logger an allow is built when read: the same event."""
+    unwatched, watched = (
+        AuditBus(extra={"netproxy.test_id": "t"}),
+        AuditBus(extra={"netproxy.test_id": "t"}),
+    )
+    seen: list[PolicyDecisionEvent] = []
+    watched.add_sink(seen.append, inline=True)
+    steps = [(_request(f"h{i}.example.test"), DENY if i % 7 == 3 else ALLOW) for i in range(40)]
+    before = datetime.now(UTC)
+    for bus in (unwatched, watched):
+        for n, (request, decision) in enumerate(steps):
+            bus.record(request, decision, mode="full", host="canon.test" if n == 5 else None)
+    after = datetime.now(UTC)
+
+    def fields(events: list[PolicyDecisionEvent]) -> list[dict[str, object]]:
+        return [{k: v for k, v in e.to_dict().items() if k != "event.timestamp"} for e in events]
+
+    events = unwatched.events()
+    assert fields(events) == fields(watched.events()) == fields(seen)
+    assert events[5].host == "canon.test" and events[3].decision == "deny"
+    assert all(before <= e.timestamp <= after for e in events)
+    assert [e.timestamp for e in events] == sorted(e.timestamp for e in events)
+    assert unwatched.events() == events  # built once: reading again gives the same events
+    assert [e.host for e in unwatched.events_since(38)[0]] == [
+        "h38.example.test",
+        "h39.example.test",
+    ]
+    assert [r.host for r in unwatched.blocked()] == [
+        f"h{i}.example.test" for i in (3, 10, 17, 24, 31, 38)
+    ]
+
+
+def test_unwatched_ring_overflow_keeps_the_newest() -> None:
+    bus = AuditBus()
+    bus.emit(_event(-1))
+    for i in range(RING_SIZE + 2):
+        bus.record(_request(f"h{i}.example.test"), ALLOW, mode="full")
+    events = bus.events()
+    assert len(events) == RING_SIZE and bus.emitted == RING_SIZE + 3
+    assert (events[0].host, events[-1].host) == (
+        "h2.example.test",
+        f"h{RING_SIZE + 1}.example.test",
+    )
 
 
 def test_blocked_ring_200_total_never_reset() -> None:
@@ -178,10 +226,8 @@ def test_non_domain_scope_is_kept() -> None:
     decision = NetworkDecision(
         Decision.DENY, Reason.METHOD_NOT_ALLOWED, Source.MODE_GUARD, scope=Scope.NON_DOMAIN
     )
-    assert (
-        bus.record(_request(), decision, mode="limited").to_dict()["network.policy.scope"]
-        == "non_domain"
-    )
+    bus.record(_request(), decision, mode="limited")
+    assert bus.events()[-1].to_dict()["network.policy.scope"] == "non_domain"
 
 
 # --- outputs -------------------------------------------------------------------------------
@@ -299,7 +345,8 @@ def test_otel_records_carry_exactly_the_event_fields() -> None:
     sink = OtelSink(exporter=exporter)
     bus = AuditBus(extra={"netproxy.test_id": "t1"})
     bus.add_sink(sink, inline=True, close=sink.close)
-    event = bus.record(_request(), DENY, mode="full")
+    bus.record(_request(), DENY, mode="full")
+    [event] = bus.events()
     assert sink.flush()
     [data] = exporter.get_finished_logs()
     record = data.log_record
