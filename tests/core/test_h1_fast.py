@@ -413,6 +413,7 @@ MUTATIONS = [
     "odd-version",
     "leading-crlf",
     "non-ascii",
+    "control",
     "drop-byte",
     "cl-list",
 ]
@@ -460,6 +461,9 @@ def mutated(draw: st.DrawFn, start_line: bytes, lines: list[bytes]) -> bytes:
             data = (
                 data[:at] + draw(st.sampled_from([b"\xe9", b"\xff", b"\x80", b"\x85"])) + data[at:]
             )
+        elif op == "control":  # VT and FF end a field value for h11; other controls do not
+            byte = draw(st.sampled_from([b"\x0b", b"\x0c", b"\x01", b"\x1f", b"\x7f", b"\t"]))
+            data = data[:at] + byte + data[at:]
         elif op == "drop-byte":
             data = data[:at] + data[at + 1 :]
     return data
