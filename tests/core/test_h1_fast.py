@@ -28,7 +28,7 @@ from netproxy_core.proto.h1_fast import (
     serialize_response_head,
     simple_response,
 )
-from netproxy_core.proto.http_head import strip_hop_by_hop
+from netproxy_core.proto.http_head import connection_tokens, strip_hop_by_hop
 
 Headers = list[tuple[bytes, bytes]]
 BIG = 1 << 20  # h11's incomplete-event limit: never the reason for a rejection here
@@ -380,6 +380,11 @@ header_lines = st.one_of(
             b"Content-Length: 3",
             b"Connection: close",
             b"Connection: keep-alive",
+            b"Keep-Alive: timeout=5",
+            b"Connection: X-Hop",
+            b"X-Hop: 1",
+            b"TE: trailers",
+            b"Connection: Content-Length",
         ]
     ),
 )
@@ -550,21 +555,44 @@ def test_response_heads_the_fast_path_serves_are_h11s(data: bytes, method: bytes
     assert head.headers == list(event.headers)
     if body is not None and (bodiless or (framed is not None and framed >= 0)):
         assert h11_result.after == TAIL
-    if framed is not None and (framed >= 0 or head.status in (204, 304)):
-        # What the client gets: the h11 path writes the origin's head through h11's server.
-        # (Framing h11 would rewrite, a HEAD answer without Content-Length, is the driver's
-        # call: tests/integration/test_fast_path.py checks the bytes it sends for that.)
-        for version, req_headers in (
-            (b"1.1", []),
-            (b"1.0", []),
-            (b"1.1", [(b"connection", b"close")]),
-        ):
-            stripped = strip_hop_by_hop(head.headers)
-            expected, close = _h11_response_bytes(
-                version, req_headers, method, head.status, head.reason, stripped
-            )
-            got = serialize_response_head(head.status, head.reason, stripped, close=close)
-            assert got == expected, (version, req_headers)
+
+
+@PROPERTY
+@given(response_heads(), st.sampled_from([b"GET", b"HEAD"]))
+def test_simple_response_sends_what_h11_writes(data: bytes, method: bytes) -> None:
+    """What `simple_response` relays: h11's reading of the origin, h11's bytes to the client."""
+    end = find_head_end(data)
+    if end is None:
+        return
+    bodiless = method == b"HEAD"
+    served = simple_response(data + BODY + TAIL, end, bodiless=bodiless, limit=BIG, close=False)
+    head = parse_response_head(data[:end])
+    framed = None if head is None else body_length(head.headers)
+    should = (
+        head is not None
+        and head.status >= 200
+        and framed is not None
+        and (framed >= 0 or head.status in (204, 304))
+        and all(name != b"host" for name, _ in head.headers)
+        and not any(
+            b"content-length" in connection_tokens(v) for n, v in head.headers if n == b"connection"
+        )
+    )
+    assert (served is not None) == should, data
+    if served is None or head is None:
+        return
+    length = 0 if bodiless or head.status in (204, 304) else served.length
+    result = _h11_response(data[:end] + BODY[:length] + TAIL, method)
+    event = result.event
+    assert isinstance(event, h11.Response) and result.after == TAIL, (data, result.error)
+    assert served.keep_alive is _h11_keeps_alive(event.http_version, list(event.headers))
+    for version, req_headers in ((b"1.1", []), (b"1.0", []), (b"1.1", [(b"connection", b"close")])):
+        stripped = strip_hop_by_hop(event.headers)
+        expected, close = _h11_response_bytes(
+            version, req_headers, method, event.status_code, event.reason, stripped
+        )
+        again = simple_response(data, end, bodiless=bodiless, limit=BIG, close=close)
+        assert again is not None and again.head == expected, (version, req_headers)
 
 
 @PROPERTY
@@ -615,6 +643,28 @@ def test_arbitrary_bytes_never_parse_to_something_h11_reads_otherwise(data: byte
             id="chunked-is-h11s",
         ),
         pytest.param(b"HTTP/1.1 103 Early Hints\r\n\r\n", False, False, None, id="1xx"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: content-length\r\n\r\n",
+            False,
+            False,
+            None,
+            id="framing-listed-as-hop-by-hop-is-h11s",
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nHost: h\r\nContent-Length: 2\r\n\r\n",
+            False,
+            False,
+            None,
+            id="host-field-is-h11s",
+        ),
+        pytest.param(
+            b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n",
+            False,
+            False,
+            (b"HTTP/1.1 304 Not Modified\r\netag: x\r\n\r\n", 0, True),
+            id="304-without-length",
+        ),
+        pytest.param(b"HTTP/1.1 200 OK\r\n\r\n", False, False, None, id="close-delimited-is-h11s"),
     ],
 )
 def test_simple_response(

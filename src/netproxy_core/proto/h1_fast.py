@@ -17,7 +17,14 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from .http_head import UNIX_SOCKET_HEADER, Headers, head_size, oversize_request, strip_hop_by_hop
+from .http_head import (
+    HOP_BY_HOP,
+    UNIX_SOCKET_HEADER,
+    Headers,
+    connection_tokens,
+    head_size,
+    oversize_request,
+)
 
 __all__ = [
     "MAX_BODY",
@@ -34,7 +41,6 @@ __all__ = [
     "serialize_response_head",
     "simple_request",
     "simple_response",
-    "simple_response_length",
 ]
 
 # h11/_abnf.py, verbatim in meaning (RFC 9110 §5.5, RFC 9112 §3, §4).
@@ -187,40 +193,75 @@ class SimpleResponse:
     keep_alive: bool  # the origin keeps the connection open after this response
 
 
+# Response fields `simple_response` must look at: framing, and the hop-by-hop ones it drops.
+_RESPONSE_WATCH: Final = HOP_BY_HOP | {b"content-length", b"host"}
+
+
 def simple_response(
     data: bytes | bytearray, end: int, *, bodiless: bool, limit: int, close: bool
 ) -> SimpleResponse | None:
     """The response whose head is `data[:end]`, if a fast path may relay it; None leaves it
-    to h11 (see `simple_response_length`). `close`: the client connection ends after it."""
-    head = parse_response_head(bytes(data[:end]))
-    length = simple_response_length(head, bodiless=bodiless, limit=limit)
-    if head is None or length is None:
-        return None
-    out = serialize_response_head(
-        head.status, head.reason, strip_hop_by_hop(head.headers), close=close
-    )
-    return SimpleResponse(out, length, keep_alive(head.version, head.headers))
+    to h11. `close`: the client connection ends after it.
 
-
-def simple_response_length(head: ResponseHead | None, *, bodiless: bool, limit: int) -> int | None:
-    """Body bytes to relay for a response a fast path frames itself; None leaves it to h11.
-
-    Simple: a final (2xx-5xx) head within `limit` as h11's path measures it, framed by one
-    Content-Length, or bodiless (204, 304, or a HEAD answer that states its length; h11
-    frames a HEAD answer without one as chunked).
+    Simple: a final (2xx-5xx) head that parses strictly, within `limit` as h11's path measures
+    it, framed by one Content-Length, or bodiless (204, 304, or a HEAD answer that states its
+    length; h11 frames a HEAD answer without one as chunked). A `Connection` field listing
+    Content-Length, or a Host field, is h11's too. The head sent on is the one h11 writes for
+    the origin's fields without the hop-by-hop ones, in one pass over the lines (the relay's
+    hot path: the same rules as `parse_response_head`, `body_length`, `keep_alive`,
+    `strip_hop_by_hop` and `serialize_response_head` together).
     """
-    if head is None or head.status < 200:
+    head = bytes(data[:end])
+    line_end = head.find(_CRLF)
+    status_line = _STATUS_LINE.fullmatch(head, 0, line_end)
+    if status_line is None or _HEADER_BLOCK.fullmatch(head, line_end + 2, end - 2) is None:
         return None
-    length = body_length(head.headers)
-    if length is None:
+    version, code, reason = status_line.groups()
+    status = int(code)
+    if status < 200:
         return None
-    if head.size + len(head.headers) > limit and (
-        head_size(len(head.reason) + 13, head.headers) > limit
+    length = -1
+    listed: set[bytes] = set()  # what the Connection fields name
+    kept: list[tuple[bytes, bytes]] = []
+    lines = head[line_end + 2 : end - 4].split(_CRLF) if end - line_end > 4 else []
+    for line in lines:
+        name, _, value = line.partition(b":")
+        name, value = name.lower(), value.strip(b" \t")
+        if name in _RESPONSE_WATCH:
+            if name == b"content-length":
+                if length >= 0 or _DIGITS.fullmatch(value) is None:
+                    return None
+                length = int(value)
+            elif name == b"connection":
+                listed |= connection_tokens(value)
+                continue
+            elif name == b"transfer-encoding" or name == b"host":
+                return None
+            else:
+                continue  # hop-by-hop
+        kept.append((name, value))
+    if status in (204, 304) or (bodiless and length >= 0):
+        length = 0
+    elif length < 0:
+        return None  # close-delimited, or a HEAD answer h11 would frame
+    if listed:
+        if b"content-length" in listed:
+            return None
+        kept = [(n, v) for n, v in kept if n not in listed]
+    reason = reason or b""
+    if (
+        end + len(lines) > limit
+        and head_size(len(reason) + 13, _fields(head[line_end + 2 : end - 2]) or []) > limit
     ):
         return None  # h11's path answers 502 for an oversized head
-    if head.status in (204, 304) or (bodiless and length >= 0):
-        return 0
-    return None if length < 0 else length  # no length: close-delimited
+    parts = [b"HTTP/1.1 ", code, b" ", reason, _CRLF]
+    for name, value in kept:
+        parts += (name, b": ", value, _CRLF)
+    if close:
+        parts.append(b"Connection: close\r\n")
+    parts.append(_CRLF)
+    keeps = version == b"1.1" and b"close" not in listed
+    return SimpleResponse(b"".join(parts), length, keeps)
 
 
 def body_length(headers: Headers) -> int | None:
@@ -244,7 +285,7 @@ def _connection_tokens(headers: Headers) -> set[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
         if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
+            tokens |= connection_tokens(value)
     return tokens
 
 

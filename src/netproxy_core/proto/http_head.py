@@ -21,6 +21,7 @@ from ..policy.model import Reason
 
 __all__ = [
     "DEFAULT_PORTS",
+    "HOP_BY_HOP",
     "TE_AND_CL",
     "UNIX_SOCKET_HEADER",
     "Connect",
@@ -29,6 +30,7 @@ __all__ = [
     "Reject",
     "check_proxy_auth",
     "classify",
+    "connection_tokens",
     "has_content_length",
     "head_size",
     "header_value",
@@ -44,7 +46,7 @@ Headers = Sequence[tuple[bytes, bytes]]
 UNIX_SOCKET_HEADER: Final = b"x-unix-socket"  # SPEC §6: a request for a local unix socket
 _AUTHORITY_END: Final = re.compile(r"[/?#]")
 DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-_HOP_BY_HOP: Final = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -213,16 +215,21 @@ def strip_hop_by_hop(
     With `keep_upgrade`, ``Upgrade`` and ``Connection: upgrade`` survive for a WebSocket relay.
     """
     headers = list(headers)
-    drop = _HOP_BY_HOP
+    drop = HOP_BY_HOP
     for name, value in headers:
         if name == b"connection":
-            drop = drop | {t.strip().lower() for t in value.split(b",")}
+            drop = drop | connection_tokens(value)
     if keep_upgrade:
         drop = drop - {b"upgrade"}
     out = [(n, v) for n, v in headers if n not in drop]
     if keep_upgrade and any(n == b"upgrade" for n, _ in headers):
         out.append((b"connection", b"upgrade"))
     return out
+
+
+def connection_tokens(value: bytes) -> set[bytes]:
+    """The lower-cased options one `Connection` field lists (RFC 9110 §7.6.1)."""
+    return {t.strip().lower() for t in value.split(b",")}
 
 
 def check_proxy_auth(headers: Headers, token: str) -> bool:
