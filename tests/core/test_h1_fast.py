@@ -26,12 +26,21 @@ from netproxy_core.proto.h1_fast import (
     parse_response_head,
     serialize_request,
     serialize_response_head,
+    simple_request,
     simple_response,
 )
 from netproxy_core.proto.http_head import connection_tokens, strip_hop_by_hop
 
 Headers = list[tuple[bytes, bytes]]
 BIG = 1 << 20  # h11's incomplete-event limit: never the reason for a rejection here
+# Request fields only h11's path handles (SPEC §5.5, §5.6, §5.10, §6).
+SLOW_REQUEST_FIELDS = {
+    b"transfer-encoding",
+    b"upgrade",
+    b"expect",
+    b"proxy-authorization",
+    b"x-unix-socket",
+}
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # --- find_head_end ----------------------------------------------------------------------------
@@ -526,6 +535,37 @@ def test_request_heads_the_fast_path_serves_are_h11s(data: bytes) -> None:
             h11.Request(method=head.method, target=head.target, headers=head.headers)
         )
         assert serialize_request(head.method, head.target, head.headers) == wire
+
+
+@PROPERTY
+@given(request_heads())
+def test_simple_request_takes_what_h11_reads(data: bytes) -> None:
+    """What `simple_request` serves, h11 reads the same: head, body, Host and keep-alive."""
+    end = find_head_end(data)
+    if end is None:
+        return
+    served = simple_request(data + BODY + TAIL, end, BIG)
+    head = parse_request_head(data[:end])
+    should = (
+        head is not None
+        and head.method != b"CONNECT"
+        and _fast_serves_request(head)
+        and not any(name in SLOW_REQUEST_FIELDS for name, _ in head.headers)
+    )
+    assert (served is not None) == should, data
+    if served is None:
+        return
+    result = _h11_request(served.raw + TAIL)
+    event = result.event
+    assert isinstance(event, h11.Request) and result.after == TAIL, (data, result.error)
+    assert (served.head.method, served.head.target, served.head.headers) == (
+        event.method,
+        event.target,
+        list(event.headers),
+    )
+    assert served.raw == data[:end] + served.body
+    assert served.host == next((v for n, v in event.headers if n == b"host"), None)
+    assert served.keep_alive is _h11_keeps_alive(event.http_version, list(event.headers))
 
 
 @PROPERTY

@@ -61,6 +61,8 @@ MAX_BODY: Final = 1 << 16  # a request body larger than this is streamed by h11
 _SLOW_HEADERS: Final = frozenset(
     {b"transfer-encoding", b"upgrade", b"expect", b"proxy-authorization", UNIX_SOCKET_HEADER}
 )
+# Request fields `simple_request` must look at: those, and framing, Host and Connection.
+_REQUEST_WATCH: Final = _SLOW_HEADERS | {b"host", b"content-length", b"connection"}
 
 
 @dataclass(slots=True)
@@ -94,41 +96,37 @@ def find_head_end(data: bytes | bytearray) -> int | None:
     return end + 4
 
 
-def _fields(block: bytes) -> list[tuple[bytes, bytes]] | None:
-    """Header fields of `block` (each line CRLF-terminated); None unless all are valid."""
-    if _HEADER_BLOCK.fullmatch(block) is None:
+def _fields(head: bytes, start: int) -> list[tuple[bytes, bytes]] | None:
+    """Header fields from offset `start` of a head ending in CRLFCRLF; None unless all are valid."""
+    end = len(head) - 2
+    if _HEADER_BLOCK.fullmatch(head, start, end) is None:
         return None  # obs-fold, bare CR/LF, NUL, bad name: h11 decides
     fields = []
-    for line in block[:-2].split(_CRLF) if block else ():
+    for line in head[start : end - 2].split(_CRLF) if end > start else ():
         name, _, value = line.partition(b":")
         fields.append((name.lower(), value.strip(b" \t")))
     return fields
 
 
-def _split(head: bytes) -> tuple[bytes, bytes]:
-    """Start line and header block (its lines CRLF-terminated) of a head ending in CRLFCRLF."""
-    line_end = head.find(_CRLF)
-    return head[:line_end], head[line_end + 2 : -2]
-
-
 def parse_request_head(head: bytes) -> RequestHead | None:
     """`head` is everything up to and including the blank line (see `find_head_end`)."""
-    line, block = _split(head)
-    m = _REQUEST_LINE.fullmatch(line)
+    line_end = head.find(_CRLF)
+    m = _REQUEST_LINE.fullmatch(head, 0, line_end)
     if m is None:
         return None
-    headers = _fields(block)
+    headers = _fields(head, line_end + 2)
     if headers is None:
         return None
-    return RequestHead(m.group(1), m.group(2), m.group(3), headers, len(head))
+    method, target, version = m.groups()
+    return RequestHead(method, target, version, headers, len(head))
 
 
 def parse_response_head(head: bytes) -> ResponseHead | None:
-    line, block = _split(head)
-    m = _STATUS_LINE.fullmatch(line)
+    line_end = head.find(_CRLF)
+    m = _STATUS_LINE.fullmatch(head, 0, line_end)
     if m is None:
         return None
-    headers = _fields(block)
+    headers = _fields(head, line_end + 2)
     if headers is None:
         return None
     return ResponseHead(m.group(1), int(m.group(2)), m.group(3) or b"", headers, len(head))
@@ -157,31 +155,40 @@ def simple_request(
     """
     if end > limit:
         return None
-    head = parse_request_head(bytes(data[:end]))
+    wire = bytes(data[:end])
+    head = parse_request_head(wire)
     if head is None or (head.method == b"CONNECT") != connect:
         return None
     host: bytes | None = None
+    length = -1
+    listed: set[bytes] = set()  # what the Connection fields name
     for name, value in head.headers:
-        if name in _SLOW_HEADERS:
-            return None
-        if name == b"host":
-            if host is not None:
-                return None
-            host = value
+        if name in _REQUEST_WATCH:
+            if name == b"host":
+                if host is not None:
+                    return None
+                host = value
+            elif name == b"content-length":
+                found = _content_length(length, value)
+                if found is None:
+                    return None
+                length = found
+            elif name == b"connection":
+                listed |= connection_tokens(value)
+            else:
+                return None  # a field only h11's path handles
     if host is None and head.version == b"1.1":
         return None
-    framed = body_length(head.headers)
-    if framed is None:
-        return None
-    length = max(framed, 0)
+    length = max(length, 0)
     if length > (0 if connect else MAX_BODY) or end + length > len(data):
         return None
     if end + len(head.headers) > limit and (
         oversize_request(head.method, head.target, head.headers, limit) is not None
     ):
         return None  # normalised fields can be a byte longer each than on the wire
-    raw = bytes(data[: end + length])
-    return SimpleRequest(head, host, raw, raw[end:], keep_alive(head.version, head.headers))
+    raw = bytes(data[: end + length]) if length else wire
+    keeps = head.version == b"1.1" and b"close" not in listed
+    return SimpleRequest(head, host, raw, raw[end:], keeps)
 
 
 @dataclass(slots=True)
@@ -229,9 +236,10 @@ def simple_response(
         name, value = name.lower(), value.strip(b" \t")
         if name in _RESPONSE_WATCH:
             if name == b"content-length":
-                if length >= 0 or _DIGITS.fullmatch(value) is None:
+                found = _content_length(length, value)
+                if found is None:
                     return None
-                length = int(value)
+                length = found
             elif name == b"connection":
                 listed |= connection_tokens(value)
                 continue
@@ -251,7 +259,7 @@ def simple_response(
     reason = reason or b""
     if (
         end + len(lines) > limit
-        and head_size(len(reason) + 13, _fields(head[line_end + 2 : end - 2]) or []) > limit
+        and head_size(len(reason) + 13, _fields(head, line_end + 2) or []) > limit
     ):
         return None  # h11's path answers 502 for an oversized head
     parts = [b"HTTP/1.1 ", code, b" ", reason, _CRLF]
@@ -273,30 +281,28 @@ def body_length(headers: Headers) -> int | None:
     length = -1
     for name, value in headers:
         if name == b"content-length":
-            if length >= 0 or _DIGITS.fullmatch(value) is None:
+            found = _content_length(length, value)
+            if found is None:
                 return None
-            length = int(value)
+            length = found
         elif name == b"transfer-encoding":
             return None
     return length
 
 
-def _connection_tokens(headers: Headers) -> set[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            tokens |= connection_tokens(value)
-    return tokens
+def _content_length(length: int, value: bytes) -> int | None:
+    """The length after one more Content-Length field (`length` -1: the first); None if it
+    repeats or is not plain digits (h11 judges those)."""
+    if length >= 0 or _DIGITS.fullmatch(value) is None:
+        return None
+    return int(value)
 
 
 def keep_alive(version: bytes, headers: Headers) -> bool:
-    """h11's rule: HTTP/1.1 without `Connection: close`."""
-    if version != b"1.1":
-        return False
-    for name, _ in headers:
-        if name == b"connection":
-            return b"close" not in _connection_tokens(headers)
-    return True
+    """h11's rule: HTTP/1.1 without `Connection: close` (the fast paths apply it inline)."""
+    return version == b"1.1" and not any(
+        b"close" in connection_tokens(value) for name, value in headers if name == b"connection"
+    )
 
 
 def _write_fields(parts: list[bytes], headers: Headers) -> None:
