@@ -290,19 +290,30 @@ def run(args: argparse.Namespace) -> int:
                 # Rounds interleave the columns, so a slow spell of the machine hits them all;
                 # each figure is the median of its rounds (`--repeat`).
                 loads: dict[str, list[loadgen.Load]] = {}
+                cpu_per_request: dict[str, list[float]] = {}  # µs of the proxy's own CPU
                 for _ in range(args.repeat):
                     for col in ("direct", *running):
                         p = running.get(col)
                         path, host = path_host(p, small)
                         addr = origin if p is None else p.http
+                        cpu_before = 0.0 if p is None else peers.tree_cpu_seconds(p.proc.pid)
                         try:
                             r = loadgen.http_load(addr, path, host, c, args.seconds, close)
                         except Exception as exc:
                             res.put(f"{fig} req/s", "req/s", True, col, f"n/a: {exc}"[:120])
                             continue
                         loads.setdefault(col, []).append(r)
+                        if p is not None and r.rps > 0:
+                            used = peers.tree_cpu_seconds(p.proc.pid) - cpu_before
+                            requests = r.rps * max(1, round(args.seconds))
+                            cpu_per_request.setdefault(col, []).append(used / requests * 1e6)
                 for col, rounds in loads.items():
                     res.put(f"{fig} req/s", "req/s", True, col, _median(r.rps for r in rounds))
+                    if col in cpu_per_request:
+                        res.put(
+                            f"{fig} proxy CPU per request", "µs", False, col,
+                            _median(cpu_per_request[col]),
+                        )  # fmt: skip
                     if c in (16,) or args.latency_all:
                         res.put(f"{fig} p50", "ms", False, col, _median(r.p50_ms for r in rounds))
                         res.put(f"{fig} p99", "ms", False, col, _median(r.p99_ms for r in rounds))
