@@ -43,7 +43,6 @@ from ..proto.h1_fast import (
     RequestHead,
     SimpleRequest,
     find_head_end,
-    serialize_request,
     serialize_response_head,
     simple_request,
 )
@@ -51,7 +50,7 @@ from ..proto.http_head import Connect, Forward, classify
 from .context import ProxyContext
 from .decide import decide, decide_now
 from .fast_links import ClientSide, OriginLink, Outcome, end_wait
-from .forward import ClientGone, origin_request
+from .forward import ClientGone, origin_request, origin_request_head
 from .http import Handoff, HttpSession, serve_http_client
 from .origin import Origin, open_origin
 from .tunnel import Established, TunnelTarget, mitm_unavailable, run_tunnel
@@ -155,8 +154,6 @@ class _Exchange:
     decision: NetworkDecision
     link: OriginLink
     reused: bool  # the link served a request before (a close may be a stale keep-alive)
-    path: bytes
-    headers: list[tuple[bytes, bytes]]
 
 
 # What the session's task does next; the callbacks hand it one when they cannot go on.
@@ -360,7 +357,7 @@ class _FastSession:
                 return _Boundary.CLOSE
             return _Boundary.NEXT
         if outcome is Outcome.FALLBACK:
-            return self._to_session_mid_response(plan, link, exchange.path, exchange.headers)
+            return self._to_session_mid_response(plan, link)
         self._drop_origin()
         if outcome is Outcome.TIMEOUT and not link.started:
             label = format_host_port(plan.target.host, plan.target.port)
@@ -375,9 +372,10 @@ class _FastSession:
     ) -> None:
         """Send the request on `link`; `_exchanged` gets the outcome."""
         head = plan.head
-        path, headers = origin_request(head.headers, plan.target, link.origin.via, upgrade=False)
-        outgoing = serialize_request(head.method, path, headers) + plan.request.body
-        self.current = _Exchange(plan, decision, link, reused, path, headers)
+        via = link.origin.via
+        outgoing = origin_request_head(head.method, head.headers, plan.target, via)
+        outgoing += plan.request.body
+        self.current = _Exchange(plan, decision, link, reused)
         limits = self.ctx.limits
         self.idle = limits.idle_timeout
         self._arm()
@@ -591,10 +589,12 @@ class _FastSession:
 
         return resume
 
-    def _to_session_mid_response(
-        self, plan: _Plan, link: OriginLink, path: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> Handoff:
+    def _to_session_mid_response(self, plan: _Plan, link: OriginLink) -> Handoff:
         data = self._take_input(plan)
+        # What was sent (`origin_request_head`), as the h11 session's origin side takes it.
+        path, headers = origin_request(
+            plan.head.headers, plan.target, link.origin.via, upgrade=False
+        )
         received = bytes(link.buffer)
         link.buffer.clear()
         link.restore()

@@ -186,7 +186,7 @@ def classify(method: bytes, target: bytes, headers: Headers) -> Forward | Connec
                 port=port,
             )
     authority = host_header or authority_text.encode("ascii")
-    return Forward(scheme, host, port, path.encode("ascii"), authority, absolute=True)
+    return Forward(scheme, host, port, path.encode("ascii"), authority, True)  # absolute-form
 
 
 def _origin_form(target: str, host_header: bytes) -> Forward | Reject:
@@ -195,7 +195,7 @@ def _origin_form(target: str, host_header: bytes) -> Forward | Reject:
         host, port = _authority(raw, 80)
     except InvalidHost as exc:
         return Reject(400, str(exc), Reason.INVALID_HOST, host=_raw_host(raw), port=80)
-    return Forward("http", host, port, target.encode("ascii"), host_header, absolute=False)
+    return Forward("http", host, port, target.encode("ascii"), host_header, False)
 
 
 def _raw_host(text: str) -> str:
