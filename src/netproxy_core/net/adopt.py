@@ -36,8 +36,8 @@ def peer_address(stream: anyio.abc.SocketStream) -> tuple[str, int] | None:
     """The TCP peer of an accepted stream; None for other families or a vanished peer.
 
     An asyncio transport caches its peer name (anyio's `extra` rebuilds its whole attribute
-    table per call). Nothing to set here: asyncio, uvloop and trio all turn on TCP_NODELAY
-    for every TCP stream themselves.
+    table per call). Nothing to set here: TCP_NODELAY is on already (`net.listener` sees to it
+    on every loop; anyio's own listeners and dials set it too).
     """
     if _AnyioSocketStream is not None and type(stream) is _AnyioSocketStream:
         peer = stream._transport.get_extra_info("peername")

@@ -10,6 +10,16 @@ anyio would have built, so handlers cannot tell the difference — only the cost
 of accepts). `serve_started` goes further: the accept callback itself is handed the stream
 (`Starter`), so the caller can start its own task at once — no listener wake-up and no
 anyio task machinery per connection; the caller then owns those tasks' lifetimes.
+
+uvloop accepts one connection per turn of the loop. Under load a turn takes milliseconds, so
+a burst of connects would wait in the kernel's accept queue for as many turns (128 at once
+behind 128 busy connections: half a second). After each accept the loop reports, `_Backlog`
+takes up to `ACCEPT_BATCH` more from the queue and hands them to the loop as accepted
+connections (`loop.connect_accepted_socket`) with the same protocol.
+
+Every accepted TCP stream gets TCP_NODELAY, as anyio's own listener gives it: uvloop sets it
+itself, but asyncio only for sockets whose `proto` is IPPROTO_TCP, and a listener's accepted
+sockets carry the listening socket's (0 for anyio's and ours).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from anyio._backends._asyncio import SocketStream as _SocketStream
 from anyio._backends._asyncio import StreamProtocol as _StreamProtocol
 
 BACKLOG = 4096
+ACCEPT_BATCH = 64  # connections taken from the accept queue per accept the loop reports
 Handler = Callable[[anyio.abc.SocketStream], Any]
 # Called from the loop's accept callback with each accepted stream; must not block or raise.
 Starter = Callable[[anyio.abc.SocketStream], None]
@@ -50,16 +61,12 @@ class TransportListener(anyio.abc.Listener[anyio.abc.SocketStream]):
         accepted: deque[_SocketStream] = deque()
         ready = asyncio.Event()
 
-        def protocol() -> asyncio.Protocol:
-            return _Accepted(accepted, ready)
-
         async with anyio.create_task_group() as own:
             group = task_group or own
             try:
                 for sock in self.sockets:
-                    self._servers.append(
-                        await loop.create_server(protocol, sock=sock, backlog=BACKLOG)
-                    )
+                    backlog = _Backlog(loop, sock, lambda b: _Accepted(b, accepted, ready))
+                    await backlog.serve(self._servers)
                 # Handlers start from this task: a protocol callback has no task, and anyio
                 # needs one to know its backend. One wake-up starts a whole batch.
                 while True:
@@ -79,12 +86,9 @@ class TransportListener(anyio.abc.Listener[anyio.abc.SocketStream]):
             raise anyio.ClosedResourceError
         loop = asyncio.get_running_loop()
 
-        def protocol() -> asyncio.Protocol:
-            return _Started(start)
-
         try:
             for sock in self.sockets:
-                self._servers.append(await loop.create_server(protocol, sock=sock, backlog=BACKLOG))
+                await _Backlog(loop, sock, lambda b: _Started(b, start)).serve(self._servers)
             await anyio.sleep_forever()
         finally:
             self._close_servers()
@@ -110,10 +114,70 @@ class TransportListener(anyio.abc.Listener[anyio.abc.SocketStream]):
         }
 
 
+class _Backlog:
+    """One listening socket: the loop's own accepts, and the rest of its queue taken in batches.
+
+    `protocol(backlog)` makes each connection's protocol; for a connection the loop accepted,
+    its `connection_made` calls `backlog.take()` (for one taken here, `backlog` is None: at
+    most one batch per turn of the loop, so a flood of connects cannot stall the loop).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        protocol: Callable[[_Backlog | None], asyncio.Protocol],
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        sock.setblocking(False)  # `take` must never wait
+        self.tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        self.nodelay = self.tcp and not type(loop).__module__.startswith("uvloop")
+        self.protocol = lambda: protocol(self)
+        self.taken_protocol = lambda: protocol(None)
+        self.attaching: set[asyncio.Task[object]] = set()  # strong references until attached
+
+    async def serve(self, servers: list[asyncio.AbstractServer]) -> None:
+        servers.append(
+            await self.loop.create_server(self.protocol, sock=self.sock, backlog=BACKLOG)
+        )
+
+    def take(self) -> None:
+        """Accept up to `ACCEPT_BATCH` waiting connections (after one the loop accepted)."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # out of descriptors, a closed listener: the loop's accept reports it
+                return
+            conn.setblocking(False)
+            if self.tcp:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = self.loop.create_task(self._attach(conn))
+            self.attaching.add(task)
+            task.add_done_callback(self.attaching.discard)
+
+    def accepted(self, transport: asyncio.BaseTransport) -> None:
+        """A connection the loop accepted is made: its TCP_NODELAY, then the next batch."""
+        if self.nodelay:
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.take()
+
+    async def _attach(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self.taken_protocol, conn)
+        except OSError:  # reset before it was attached
+            conn.close()
+
+
 class _Accepted(_StreamProtocol):
     """anyio's stream protocol that queues its stream for a handler once connected."""
 
-    def __init__(self, accepted: deque[_SocketStream], ready: asyncio.Event) -> None:
+    def __init__(
+        self, backlog: _Backlog | None, accepted: deque[_SocketStream], ready: asyncio.Event
+    ) -> None:
+        self._backlog = backlog
         self._accepted = accepted
         self._ready = ready
 
@@ -121,6 +185,8 @@ class _Accepted(_StreamProtocol):
         super().connection_made(transport)
         stream = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
         stream.pause_reading()  # anyio reads on demand
+        if self._backlog is not None:
+            self._backlog.accepted(transport)
         self._accepted.append(_SocketStream(stream, self))
         self._ready.set()
 
@@ -128,11 +194,14 @@ class _Accepted(_StreamProtocol):
 class _Started(_StreamProtocol):
     """anyio's stream protocol that hands its stream to a `Starter` once connected."""
 
-    def __init__(self, start: Starter) -> None:
+    def __init__(self, backlog: _Backlog | None, start: Starter) -> None:
+        self._backlog = backlog
         self._start = start
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         stream = cast(asyncio.Transport, transport)
         stream.pause_reading()  # anyio reads on demand
+        if self._backlog is not None:
+            self._backlog.accepted(transport)
         self._start(_SocketStream(stream, self))

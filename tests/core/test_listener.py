@@ -1,0 +1,136 @@
+"""`net.listener.TransportListener`: a burst of waiting connects is accepted in a few loop turns.
+
+uvloop on its own accepts one connection per turn of the loop; behind busy connections each
+turn takes milliseconds, so a burst of connects waited in the kernel's queue (the c=128 p99
+of `bench/`). Real sockets on 127.0.0.1, on plain asyncio and on uvloop: the clients connect
+before the listener serves, so the whole burst is in the accept queue at the first turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+import anyio
+import anyio.abc
+import pytest
+
+from netproxy_core.net.listener import ACCEPT_BATCH, TransportListener
+
+try:
+    import uvloop  # noqa: F401
+
+    LOOPS = ["asyncio", "uvloop"]
+except ImportError:  # pragma: no cover
+    LOOPS = ["asyncio"]
+
+BURST = ACCEPT_BATCH + 36  # more than one batch
+
+
+def _listening() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+def _run(loop: str, main: Callable[[], object]) -> None:
+    anyio.run(main, backend="asyncio", backend_options={"use_uvloop": loop == "uvloop"})  # type: ignore[arg-type]
+
+
+class _Turns:
+    """Counts turns of the running loop (a callback that re-schedules itself each turn)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self.count += 1
+        self._handle = self._loop.call_soon(self._tick)
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+
+async def _echo_once(stream: anyio.abc.SocketStream) -> None:
+    data = await stream.receive()
+    await stream.send(data.upper())
+
+
+def _check_clients(clients: list[socket.socket]) -> None:
+    """Every client is served by its own stream (an echo through each)."""
+    for i, client in enumerate(clients):
+        client.sendall(b"ping %d" % i)
+    for i, client in enumerate(clients):
+        client.settimeout(5)
+        assert client.recv(100) == b"PING %d" % i
+        client.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_serve_started_takes_a_burst_in_a_few_turns(loop: str) -> None:
+    sock = _listening()
+    clients = [socket.create_connection(sock.getsockname()) for _ in range(BURST)]
+
+    async def main() -> None:
+        listener = TransportListener([sock])
+        turns = _Turns()
+        started: list[int] = []
+        nodelay: list[int] = []
+        done = anyio.Event()
+        async with anyio.create_task_group() as tg:
+
+            def start(stream: anyio.abc.SocketStream) -> None:
+                started.append(turns.count)
+                raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+                nodelay.append(raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                tg.start_soon(_echo_once, stream)
+                if len(started) == BURST:
+                    done.set()
+
+            tg.start_soon(listener.serve_started, start)
+            with anyio.fail_after(10):
+                await done.wait()
+            turns.stop()
+            await anyio.to_thread.run_sync(_check_clients, clients)
+            tg.cancel_scope.cancel()
+        await listener.aclose()
+        assert max(started) - min(started) <= 4, started  # not one connection per turn
+        assert all(nodelay), nodelay  # on every loop, for the loop's accepts and the batch
+
+    _run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_serve_takes_a_burst_in_a_few_turns(loop: str) -> None:
+    sock = _listening()
+    clients = [socket.create_connection(sock.getsockname()) for _ in range(BURST)]
+
+    async def main() -> None:
+        listener = TransportListener([sock])
+        turns = _Turns()
+        handled: list[int] = []
+        done = anyio.Event()
+
+        async def handler(stream: anyio.abc.SocketStream) -> None:
+            handled.append(turns.count)
+            if len(handled) == BURST:
+                done.set()
+            await _echo_once(stream)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, handler, tg)
+            with anyio.fail_after(10):
+                await done.wait()
+            turns.stop()
+            await anyio.to_thread.run_sync(_check_clients, clients)
+            tg.cancel_scope.cancel()
+        await listener.aclose()
+        assert max(handled) - min(handled) <= 6, handled
+
+    _run(loop, main)
