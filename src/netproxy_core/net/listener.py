@@ -122,11 +122,12 @@ class TransportListener(anyio.abc.Listener[anyio.abc.SocketStream]):
 
 
 class _Backlog:
-    """One listening socket: the loop's own accepts, and the rest of its queue taken in batches.
+    """One listening socket: the loop's own accepts, and under uvloop the rest of a burst.
 
     `protocol(backlog)` makes each connection's protocol; for a connection the loop accepted,
-    its `connection_made` calls `backlog.take()` (for one taken here, `backlog` is None: at
-    most one batch per turn of the loop, so a flood of connects cannot stall the loop).
+    its `connection_made` calls `backlog.accepted(transport)`. For one taken here `backlog` is
+    None, so a turn of the loop takes one batch at most and a flood cannot stall the loop.
+    (asyncio's own accept already takes up to `BACKLOG` connections per turn.)
     """
 
     def __init__(
@@ -139,7 +140,8 @@ class _Backlog:
         self.sock = sock
         sock.setblocking(False)  # `take` must never wait
         self.tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
-        self.nodelay = self.tcp and not type(loop).__module__.startswith("uvloop")
+        self.one_per_turn = type(loop).__module__.startswith("uvloop")  # uvloop's accepts
+        self.nodelay = self.tcp and not self.one_per_turn  # uvloop sets TCP_NODELAY itself
         self.last_accept = -math.inf  # loop time of the loop's latest accept
         self.burst_until = -math.inf
         self.protocol = lambda: protocol(self)
@@ -171,6 +173,8 @@ class _Backlog:
         """The loop accepted a connection: its TCP_NODELAY, and a batch in a burst."""
         if self.nodelay:
             transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self.one_per_turn:
+            return
         now = self.loop.time()
         if now - self.last_accept >= QUIET:
             self.burst_until = now + BURST_WINDOW
