@@ -77,65 +77,49 @@ def _check_clients(clients: list[socket.socket]) -> None:
         client.close()
 
 
+@pytest.mark.parametrize("entry", ["serve_started", "serve"])
 @pytest.mark.parametrize("loop", LOOPS)
-def test_serve_started_takes_a_burst_in_a_few_turns(loop: str) -> None:
+def test_a_burst_is_taken_in_a_few_turns(loop: str, entry: str) -> None:
+    """Both entry points: `serve_started` (the proxy's) and `serve` (handlers in a task group)."""
     sock = _listening()
     clients = [socket.create_connection(sock.getsockname()) for _ in range(BURST)]
 
     async def main() -> None:
         listener = TransportListener([sock])
         turns = _Turns()
-        started: list[int] = []
+        arrived: list[int] = []  # the loop turn each connection reached its handler in
         nodelay: list[int] = []
         done = anyio.Event()
-        async with anyio.create_task_group() as tg:
 
-            def start(stream: anyio.abc.SocketStream) -> None:
-                started.append(turns.count)
-                raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
-                nodelay.append(raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-                tg.start_soon(_echo_once, stream)
-                if len(started) == BURST:
-                    done.set()
-
-            tg.start_soon(listener.serve_started, start)
-            with anyio.fail_after(10):
-                await done.wait()
-            turns.stop()
-            await anyio.to_thread.run_sync(_check_clients, clients)
-            tg.cancel_scope.cancel()
-        await listener.aclose()
-        assert max(started) - min(started) <= 4, started  # not one connection per turn
-        assert all(nodelay), nodelay  # on every loop, for the loop's accepts and the batch
-
-    _run(loop, main)
-
-
-@pytest.mark.parametrize("loop", LOOPS)
-def test_serve_takes_a_burst_in_a_few_turns(loop: str) -> None:
-    sock = _listening()
-    clients = [socket.create_connection(sock.getsockname()) for _ in range(BURST)]
-
-    async def main() -> None:
-        listener = TransportListener([sock])
-        turns = _Turns()
-        handled: list[int] = []
-        done = anyio.Event()
-
-        async def handler(stream: anyio.abc.SocketStream) -> None:
-            handled.append(turns.count)
-            if len(handled) == BURST:
+        def arrive(stream: anyio.abc.SocketStream) -> None:
+            arrived.append(turns.count)
+            raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+            nodelay.append(raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            if len(arrived) == BURST:
                 done.set()
-            await _echo_once(stream)
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(listener.serve, handler, tg)
+            if entry == "serve_started":
+
+                def start(stream: anyio.abc.SocketStream) -> None:
+                    arrive(stream)
+                    tg.start_soon(_echo_once, stream)
+
+                tg.start_soon(listener.serve_started, start)
+            else:
+
+                async def handler(stream: anyio.abc.SocketStream) -> None:
+                    arrive(stream)
+                    await _echo_once(stream)
+
+                tg.start_soon(listener.serve, handler, tg)
             with anyio.fail_after(10):
                 await done.wait()
             turns.stop()
             await anyio.to_thread.run_sync(_check_clients, clients)
             tg.cancel_scope.cancel()
         await listener.aclose()
-        assert max(handled) - min(handled) <= 4, handled
+        assert max(arrived) - min(arrived) <= 4, arrived  # not one connection per turn
+        assert all(nodelay), nodelay  # on every loop, for the loop's accepts and the batch
 
     _run(loop, main)
