@@ -28,6 +28,7 @@ class Load:
     p50_ms: float
     p99_ms: float
     errors: int
+    requests: int  # completed in the round
 
 
 # --- plain HTTP load -------------------------------------------------------------------------
@@ -83,7 +84,7 @@ def _wrk(addr: tuple[str, int], path: str, host: str, c: int, seconds: float, cl
     if not m:
         raise RuntimeError(f"wrk gave no result: {out[-300:]!r}")
     reqs, dur_us, p50, p99, errors = (int(x) for x in m.groups())
-    return Load(reqs / (dur_us / 1e6), p50 / 1000, p99 / 1000, errors)
+    return Load(reqs / (dur_us / 1e6), p50 / 1000, p99 / 1000, errors, reqs)
 
 
 async def _py_client(
@@ -149,7 +150,7 @@ def _py_load(
     lat.sort()
     p50 = lat[len(lat) // 2] if lat else 0.0
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else 0.0
-    return Load(len(lat) / elapsed, p50 * 1000, p99 * 1000, errors)
+    return Load(len(lat) / elapsed, p50 * 1000, p99 * 1000, errors, len(lat))
 
 
 def first_response(proxy: tuple[str, int], path: str, host: str, timeout: float = 30) -> float:

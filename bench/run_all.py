@@ -303,10 +303,9 @@ def run(args: argparse.Namespace) -> int:
                             res.put(f"{fig} req/s", "req/s", True, col, f"n/a: {exc}"[:120])
                             continue
                         loads.setdefault(col, []).append(r)
-                        if p is not None and r.rps > 0:
+                        if p is not None and r.requests:
                             used = peers.tree_cpu_seconds(p.proc.pid) - cpu_before
-                            requests = r.rps * max(1, round(args.seconds))
-                            cpu_per_request.setdefault(col, []).append(used / requests * 1e6)
+                            cpu_per_request.setdefault(col, []).append(used / r.requests * 1e6)
                 for col, rounds in loads.items():
                     res.put(f"{fig} req/s", "req/s", True, col, _median(r.rps for r in rounds))
                     if col in cpu_per_request:
