@@ -387,8 +387,7 @@ def origin_request_head(
         authority = authority_for(target.host, target.port, target.scheme)
         if not hosts:
             hosts = [b"host: ", authority, b"\r\n"]
-        if via is not None:
-            path = f"{target.scheme}://".encode() + authority + path
+        path = _request_target(target, authority, via)
     if chunked:
         fields.append(b"transfer-encoding: chunked\r\n")
     if via is not None and via.authorization:
@@ -420,9 +419,13 @@ def origin_request(
         out.insert(0, (b"host", authority))
     if header_value(headers, b"transfer-encoding") is not None:
         out.append((b"transfer-encoding", b"chunked"))
-    path = target.path
-    if via is not None:
-        path = f"{target.scheme}://".encode() + authority + target.path
-        if via.authorization:
-            out.append((b"proxy-authorization", via.authorization))
-    return path, out
+    if via is not None and via.authorization:
+        out.append((b"proxy-authorization", via.authorization))
+    return _request_target(target, authority, via), out
+
+
+def _request_target(target: Forward, authority: bytes, via: UpstreamProxy | None) -> bytes:
+    """Origin-form, or absolute-form through an upstream proxy (RFC 9112 §3.2.2)."""
+    if via is None:
+        return target.path
+    return f"{target.scheme}://".encode() + authority + target.path
