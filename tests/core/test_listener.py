@@ -123,3 +123,44 @@ def test_a_burst_is_taken_in_a_few_turns(loop: str, entry: str) -> None:
         assert all(nodelay), nodelay  # on every loop, for the loop's accepts and the batch
 
     _run(loop, main)
+
+
+class _CountingSocket(socket.socket):
+    """A real listening socket that counts the listener's own `accept` calls (the loop
+    accepts through the descriptor, not through this method)."""
+
+    accepts = 0
+
+    def accept(self) -> tuple[socket.socket, object]:
+        self.accepts += 1
+        return super().accept()
+
+
+@pytest.mark.skipif("uvloop" not in LOOPS, reason="only uvloop accepts one per turn")
+def test_connects_one_at_a_time_stop_the_burst_takes() -> None:
+    """Sequential connects after a quiet spell: two empty takes end the burst window, so the
+    rest are accepted by the loop alone (no failed accept per connection)."""
+    sock = _CountingSocket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    address = sock.getsockname()
+    served = 10
+
+    def connect_one_at_a_time() -> None:
+        for i in range(served):
+            with socket.create_connection(address, timeout=5) as client:
+                client.sendall(b"ping %d" % i)
+                assert client.recv(100) == b"PING %d" % i
+
+    async def main() -> None:
+        listener = TransportListener([sock])
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve_started, lambda s: tg.start_soon(_echo_once, s))
+            await anyio.sleep(0.01)
+            with anyio.fail_after(10):
+                await anyio.to_thread.run_sync(connect_one_at_a_time)
+            tg.cancel_scope.cancel()
+        await listener.aclose()
+
+    _run("uvloop", main)
+    assert sock.accepts == 2
