@@ -1225,3 +1225,32 @@ def test_random_request_sequences_on_kept_connections(serve: Any) -> None:
                 i += len(batch)
             client.close()
         assert events(proxy) == expected_events
+
+
+def test_identical_connect_heads_are_each_decided_for_their_own_client(serve: Any) -> None:
+    """The fast path parses a repeated CONNECT head once; each tunnel is still decided against
+    the rules in force and audited with its own client."""
+    head = b"CONNECT %s:80 HTTP/1.1\r\nHost: %s:80\r\n\r\n" % (API.encode(), API.encode())
+    with serve(answer_all) as (proxy, _origin):
+        clients = []
+        for path in (b"/one", b"/two"):
+            client = Client(proxy)
+            clients.append(client)
+            client.send(head)
+            assert client._until(b"\r\n\r\n") == (b"HTTP/1.1 200 Connection established\r\n\r\n")
+            client.send(b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path, API.encode()))
+            response = client.response()
+            assert (response.status, response.body) == (200, b"ok " + path)
+        proxy.deny(API)
+        refused = Client(proxy)
+        clients.append(refused)
+        refused.send(head)
+        assert refused.response().status == 403
+        names = [c.sock.getsockname() for c in clients]
+        for client in clients:
+            client.close()
+        seen = [(e.decision, e.method, e.client) for e in proxy.events()]
+        assert seen == [
+            (decision, "CONNECT", f"{host}:{port}")
+            for decision, (host, port) in zip(("allow", "allow", "deny"), names, strict=True)
+        ]

@@ -74,6 +74,37 @@ async def serve_http_connection(
         await serve_http_client(ctx, stream, client_addr, resume=handoff)
 
 
+# One tool opens tunnel after tunnel with byte-identical CONNECT heads. Parsing and
+# classifying a head are pure functions of its bytes (and the size limit), so each distinct
+# head is parsed once: the results are shared and never mutated. Bounded in entries and in
+# head size (a longer head is parsed every time).
+CONNECT_MEMO_ENTRIES: Final = 256
+CONNECT_MEMO_HEAD: Final = 512
+_connect_heads: dict[tuple[bytes, int], tuple[SimpleRequest, Connect] | None] = {}
+
+
+def connect_head(buffer: bytearray, end: int, limit: int) -> tuple[SimpleRequest, Connect] | None:
+    """The simple CONNECT whose head is `buffer[:end]` and its target; None leaves it to h11."""
+    wire = bytes(buffer[:end])
+    key = (wire, limit)
+    try:
+        return _connect_heads[key]
+    except KeyError:
+        pass
+    parsed: tuple[SimpleRequest, Connect] | None = None
+    simple = simple_request(wire, end, limit, connect=True)
+    if simple is not None:
+        head = simple.head
+        target = classify(head.method, head.target, head.headers)
+        if isinstance(target, Connect):
+            parsed = (simple, target)
+    if end <= CONNECT_MEMO_HEAD:
+        if len(_connect_heads) >= CONNECT_MEMO_ENTRIES:
+            _connect_heads.clear()
+        _connect_heads[key] = parsed
+    return parsed
+
+
 @dataclass(slots=True)
 class _Plan:
     request: SimpleRequest
@@ -303,13 +334,10 @@ class _FastSession:
         ctx, client = self.ctx, self.client
         if ctx.config.proxy_auth_token:
             return None
-        simple = simple_request(client.buffer, end, ctx.limits.max_header_bytes, connect=True)
-        if simple is None:
-            return None
-        head = simple.head
-        target = classify(head.method, head.target, head.headers)
-        if not isinstance(target, Connect):
-            return None  # h11's path refuses it and audits that
+        parsed = connect_head(client.buffer, end, ctx.limits.max_header_bytes)
+        if parsed is None:
+            return None  # not simple, or not a valid CONNECT: h11's path refuses and audits it
+        simple, target = parsed
         client.consume(len(simple.raw))
         tunnel = TunnelTarget(target.host, target.port, Protocol.HTTPS_CONNECT, self.client_addr)
         check = mitm_unavailable(ctx, target.host)
