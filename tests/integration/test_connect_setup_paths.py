@@ -7,6 +7,7 @@ outlasts `shutdown_grace`.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -139,3 +140,74 @@ def test_shutdown_cuts_a_tunnel_outlasting_the_grace(
             sock.settimeout(5)
             with suppress(ConnectionResetError):  # closed, at once or by a reset
                 assert sock.recv(10) == b""
+
+
+@contextmanager
+def greeting_origin(greeting: bytes) -> Iterator[int]:
+    """An origin that speaks first (as SSH does) and then echoes; yields its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                with suppress(OSError):
+                    conn.sendall(greeting)
+                    while data := conn.recv(65536):
+                        conn.sendall(data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def test_the_200_comes_once_and_before_a_server_first_greeting(start_proxy: StartProxy) -> None:
+    """The fast path writes the `200` from the origin's connect callback: a greeting the
+    origin sends at once must still follow it, and nothing is answered twice."""
+    greeting = b"SSH-2.0-test\r\n"
+    with greeting_origin(greeting) as port:
+        routes = {f"{HOST}:{port}": f"127.0.0.1:{port}"}
+        with start_proxy(allow=[HOST], routes=routes) as p:
+            for _ in range(5):
+                sock, rest = open_tunnel(p, port, early=b"hello")
+                with sock:
+                    expected = greeting + b"hello"
+                    assert read_exactly(sock, len(expected), rest) == expected
+                    assert b"HTTP/1.1" not in rest
+                    sock.shutdown(socket.SHUT_WR)
+                    assert sock.recv(10) == b""
+            assert [e.reason for e in p.events()] == ["allow"] * 5
+
+
+def test_a_client_gone_before_the_dial_completes_leaves_the_proxy_serving(
+    start_proxy: StartProxy, origin_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    routes = {f"{HOST}:{origin_port}": f"127.0.0.1:{origin_port}"}
+    with start_proxy(allow=[HOST], routes=routes) as p:
+        addr = p.http_addr
+        assert addr is not None
+        target = f"{HOST}:{origin_port}"
+        for _ in range(20):  # CONNECT, then a reset at once: the 200 has nowhere to go
+            sock = socket.create_connection(addr, timeout=10)
+            sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+            sock.close()
+        sock, rest = open_tunnel(p, origin_port, early=b"still here")
+        with sock:
+            assert read_exactly(sock, 10, rest) == b"still here"
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

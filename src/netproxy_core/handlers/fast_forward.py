@@ -121,8 +121,10 @@ class _Tunnel:
 
     An allowed CONNECT keeps the client's transport borrowed (`held`): an opaque tunnel's
     relay takes it over from there, and every other path hands it back to the anyio stream
-    first. Only the `200` is written here; a refusal or a failed dial is answered by an h11
-    session that has read the request, exactly as on the h11 path.
+    first. Only the `200` is written here — on an opaque tunnel from the origin's connect
+    callback (`run_tunnel`'s `connected`), a turn of the loop before the task could; a
+    refusal or a failed dial is answered by an h11 session that has read the request,
+    exactly as on the h11 path.
     """
 
     request: SimpleRequest
@@ -146,8 +148,20 @@ class _Tunnel:
         established = serialize_response_head(
             200, b"Connection established", [], close=not self.request.keep_alive
         )
+        answered = False  # the `200` went out from the origin's connect callback
+
+        def connected() -> None:
+            nonlocal answered
+            held = self.held
+            if held.adopted and not held.lost and not held.transport.is_closing():
+                held.transport.write(established)
+                answered = True
 
         async def reply(outcome: Established | UpstreamError | NetworkDecision) -> None:
+            if answered:  # (a dial deadline met as the connection came: the 200 stands)
+                if not isinstance(outcome, Established):
+                    raise ClientGone
+                return
             if not isinstance(outcome, Established):
                 await answering().answer_tunnel(self.target, outcome)
                 return
@@ -171,7 +185,14 @@ class _Tunnel:
             host, port = self.target.host, self.target.port
             tunnel = TunnelTarget(host, port, Protocol.HTTPS_CONNECT, client_addr)
             await run_tunnel(
-                ctx, stream, tunnel, self.decision, reply, leftover=self.leftover, held=self.held
+                ctx,
+                stream,
+                tunnel,
+                self.decision,
+                reply,
+                leftover=self.leftover,
+                held=self.held,
+                connected=connected,
             )
         except ClientGone:
             return

@@ -8,6 +8,7 @@ before the client is answered, so a dead upstream gets its 502/504 (or SOCKS err
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -112,6 +113,7 @@ async def run_tunnel(
     *,
     leftover: bytes = b"",
     held: Adopted | None = None,
+    connected: Callable[[], None] | None = None,
 ) -> None:
     """Serve one allowed tunnel to its end. Closes `client`.
 
@@ -121,12 +123,14 @@ async def run_tunnel(
     for the relay (no second borrow); every other path first hands the transport back to
     `client` (`held.restore()`), always before `reply` is called with a refusal or a
     failure. So `reply(Established(...))` may find the transport still borrowed: it then
-    writes through `held.transport`.
+    writes through `held.transport`. `connected`: called from the origin's connect callback
+    when an opaque tunnel dials straight into its relay, so a reply that needs no I/O can go
+    out a turn of the loop earlier; `reply` is still called after it.
     """
     replay = ReplayStream(client, leftover)
     try:
         if not interception_wanted(ctx, target.host):
-            await _opaque(ctx, replay, target, decision, reply, held)
+            await _opaque(ctx, replay, target, decision, reply, held, connected)
             return
         _give_back(held)
         if ctx.intercept is None and interception_required(ctx, target.host):
@@ -179,11 +183,12 @@ async def _opaque(
     decision: NetworkDecision,
     reply: Reply,
     held: Adopted | None,
+    connected: Callable[[], None] | None = None,
 ) -> None:
     path = origin_path(ctx, target.host, target.port, decision, secure=True)
     loop = asyncio_loop()
     if isinstance(path, Direct) and loop is not None and linkable(replay, held):
-        await _opaque_dialled(ctx, loop, replay, target, path, reply, held)
+        await _opaque_dialled(ctx, loop, replay, target, path, reply, held, connected)
         return
     try:
         origin = await open_origin(ctx, target.host, target.port, decision, tunnel=True)
@@ -218,6 +223,7 @@ async def _opaque_dialled(
     path: Direct,
     reply: Reply,
     held: Adopted | None,
+    connected: Callable[[], None] | None,
 ) -> None:
     """`_opaque` for a plain TCP client and a direct origin: the origin is dialled straight
     into the linked relay's protocol (`Dialled`), with no anyio stream to build and borrow."""
@@ -226,7 +232,7 @@ async def _opaque_dialled(
             loop,
             path.addresses,
             path.port,
-            Dialled,
+            Dialled if connected is None else functools.partial(Dialled, connected),
             timeout=ctx.limits.connect_timeout,
             label=path.label,
         )

@@ -438,17 +438,20 @@ class Dialled(Adopted):
     """An outbound TCP connection dialled straight into this protocol (`dial.dial_protocol`),
     with no anyio stream: it holds what arrives until `run_linked(..., held_b=)` takes it
     over; `close` it if nothing does. It reads until its first chunk arrives, then pauses
-    (the rest waits in the socket): no pause and resume for the usual silent origin."""
+    (the rest waits in the socket): no pause and resume for the usual silent origin.
+    `connected` is called once the connection is made (before the dialling task resumes)."""
 
-    __slots__ = ()
+    __slots__ = ("connected",)
 
-    def __init__(self) -> None:
-        pass  # set up by `connection_made` (a failed dial never gets that far)
+    def __init__(self, connected: Callable[[], None] | None = None) -> None:
+        self.connected = connected  # the rest is set up by `connection_made`
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         Adopted.__init__(self, cast(Any, _Bare(transport)))
         self.saved = _HELD  # borrowed from no one: what a link takes over
         self.reading = True  # a new transport reads (uvloop starts it after this call)
+        if self.connected is not None:
+            self.connected()
 
     def data_received(self, data: bytes) -> None:  # (a link's protocol reads once it took over)
         self.buffer += data
