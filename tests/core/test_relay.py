@@ -74,10 +74,7 @@ def run_case(
     async def main() -> None:
         async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
             port_ = listener.extra(anyio.abc.SocketAttribute.local_port)
-            client = await anyio.connect_tcp("127.0.0.1", port_)
-            a = await _accept(listener)
-            b_raw = await anyio.connect_tcp("127.0.0.1", port_)
-            origin = await _accept(listener)
+            client, a, b_raw, origin = await _pairs(listener)
             assert adoptable(a) and adoptable(b_raw)
             b: anyio.abc.ByteStream = b_raw if engine == "linked" else Wrapped(b_raw)
             try:
@@ -95,6 +92,15 @@ def run_case(
 async def _accept(listener: Any) -> anyio.abc.SocketStream:
     stream: anyio.abc.SocketStream = await listener.listeners[0].accept()
     return stream
+
+
+async def _pairs(listener: Any) -> tuple[anyio.abc.SocketStream, ...]:
+    """(client, a, b, origin): two connected pairs through `listener` (see the module doc)."""
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    client = await anyio.connect_tcp("127.0.0.1", port)
+    a = await _accept(listener)
+    b = await anyio.connect_tcp("127.0.0.1", port)
+    return client, a, b, await _accept(listener)
 
 
 async def read_all(stream: anyio.abc.ByteStream) -> bytes:
@@ -168,7 +174,7 @@ def test_tunnels_one_after_another_share_the_idle_clock_and_it_stops(loop: str) 
     """A short tunnel's idle clock runs on to its next tick, so the next tunnel reuses it; that
     tunnel's idle timeout is still kept, and with no tunnel left the clock stops a tick later."""
 
-    async def case(client: Any, a: Any, b: Any, origin: Any, port: int) -> None:
+    async def case(client: Any, a: Any, b: Any, origin: Any) -> None:
         loop_ = asyncio.get_running_loop()
         await client.send_eof()
         await origin.send_eof()
@@ -177,11 +183,7 @@ def test_tunnels_one_after_another_share_the_idle_clock_and_it_stops(loop: str) 
         assert clock.timer is not None and not clock.links  # runs on to its next tick
 
         async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
-            port2 = listener.extra(anyio.abc.SocketAttribute.local_port)
-            client2 = await anyio.connect_tcp("127.0.0.1", port2)
-            a2 = await _accept(listener)
-            b2 = await anyio.connect_tcp("127.0.0.1", port2)
-            origin2 = await _accept(listener)
+            client2, a2, b2, origin2 = await _pairs(listener)
             counts: list[tuple[int, int]] = []
             start = anyio.current_time()
             async with anyio.create_task_group() as tg:
@@ -197,7 +199,7 @@ def test_tunnels_one_after_another_share_the_idle_clock_and_it_stops(loop: str) 
         await anyio.sleep(0.2)  # a tick is 0.05 s
         assert loop_ not in link._clocks
 
-    run_case(loop, "linked", case, port=True)
+    run_case(loop, "linked", case)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

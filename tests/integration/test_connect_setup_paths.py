@@ -24,8 +24,9 @@ HOST = "echo.example.test"
 
 
 @contextmanager
-def echo_origin() -> Iterator[int]:
-    """A TCP echo server on 127.0.0.1 (one thread per connection); yields its port."""
+def echo_origin(greeting: bytes = b"") -> Iterator[int]:
+    """A TCP echo server on 127.0.0.1 (one thread per connection) that first sends `greeting`
+    (a server-first protocol, as SSH is); yields its port."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.2)
     stop = threading.Event()
@@ -34,6 +35,7 @@ def echo_origin() -> Iterator[int]:
         with conn:
             conn.settimeout(30)
             try:
+                conn.sendall(greeting)
                 while data := conn.recv(65536):
                     conn.sendall(data)
             except OSError:
@@ -142,43 +144,11 @@ def test_shutdown_cuts_a_tunnel_outlasting_the_grace(
                 assert sock.recv(10) == b""
 
 
-@contextmanager
-def greeting_origin(greeting: bytes) -> Iterator[int]:
-    """An origin that speaks first (as SSH does) and then echoes; yields its port."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(10)
-                with suppress(OSError):
-                    conn.sendall(greeting)
-                    while data := conn.recv(65536):
-                        conn.sendall(data)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(5)
-        listener.close()
-
-
 def test_the_200_comes_once_and_before_a_server_first_greeting(start_proxy: StartProxy) -> None:
     """The fast path writes the `200` from the origin's connect callback: a greeting the
     origin sends at once must still follow it, and nothing is answered twice."""
     greeting = b"SSH-2.0-test\r\n"
-    with greeting_origin(greeting) as port:
+    with echo_origin(greeting) as port:
         routes = {f"{HOST}:{port}": f"127.0.0.1:{port}"}
         with start_proxy(allow=[HOST], routes=routes) as p:
             for _ in range(5):
