@@ -150,12 +150,17 @@ class _Tunnel:
         )
         answered = False  # the `200` went out from the origin's connect callback
 
+        def write_held() -> bool:
+            """Write the `200` through the borrowed transport, if it is still open."""
+            held = self.held
+            if held.lost or held.transport.is_closing():
+                return False
+            held.transport.write(established)
+            return True
+
         def connected() -> None:
             nonlocal answered
-            held = self.held
-            if held.adopted and not held.lost and not held.transport.is_closing():
-                held.transport.write(established)
-                answered = True
+            answered = self.held.adopted and write_held()
 
         async def reply(outcome: Established | UpstreamError | NetworkDecision) -> None:
             if answered:  # (a dial deadline met as the connection came: the 200 stands)
@@ -165,11 +170,9 @@ class _Tunnel:
             if not isinstance(outcome, Established):
                 await answering().answer_tunnel(self.target, outcome)
                 return
-            held = self.held
-            if held.adopted:  # run_tunnel has not handed the transport back
-                if held.lost or held.transport.is_closing():
+            if self.held.adopted:  # run_tunnel has not handed the transport back
+                if not write_held():
                     raise ClientGone
-                held.transport.write(established)
                 return
             if write_now(stream, established):
                 return
